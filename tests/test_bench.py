@@ -3,42 +3,46 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from zoodip.bench import METHODS, markdown, ratio
+import pytest
+import torch
 
-FIELDS = ["method", "status", "peak_load_bytes", "peak_train_bytes", "seconds_per_iter", "iters_per_second",
-          "forward_passes_per_iter", "weight_bytes", "quantized_fraction"]  # fmt: skip
+from zoodip.bench import CRASH_METHOD, FIELDS, METHODS, check_methods, device_peak, markdown, ratio, weight_bytes
+from zoodip.errors import ZoodipError
+from zoodip.quantize import quantize_weights
 
 
 def test_every_method_runs_and_a_crash_is_contained(tmp_path):
-    methods = [*METHODS, "crash_for_test"]
-    env = {**os.environ, "ZOODIP_BENCH_ALLOW_UNKNOWN": "1", "HF_HUB_OFFLINE": "1"}
+    methods = ["zoodip", CRASH_METHOD, *list(METHODS)[1:]]  # the crash comes first: later methods still run
     cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", f"bench.methods=[{','.join(methods)}]",
-           "bench.steps=1", "bench.warmup=1", f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+           "bench.steps=2", "bench.warmup=1", "bench.resolution=32", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["machine"]) >= {"cpu", "cores", "gpu", "torch", "cuda"} and report["machine"]["cores"] >= 1
     results = {r["method"]: r for r in report["results"]}
     assert list(results) == methods
-    assert (
-        results["crash_for_test"]["status"] == "failed" and "unknown bench method" in results["crash_for_test"]["error"]
-    )
+    assert all(set(FIELDS) <= set(r) for r in results.values())
+    crash = results[CRASH_METHOD]
+    assert crash["status"] == "failed" and "injected failure" in crash["error"] and crash["seconds_per_iter"] is None
     for name in METHODS:
         r = results[name]
-        assert r["status"] == "completed", r
-        assert all(key in r for key in FIELDS), name
-        assert r["peak_train_bytes"] > 0 and r["seconds_per_iter"] > 0
-    assert results["zoodip"]["forward_passes_per_iter"] == 3 and results["zoodip_n1"]["forward_passes_per_iter"] == 2
-    assert results["ti"]["forward_passes_per_iter"] == 1
-    # INT8 holds the UNet in about a quarter of the fp32 bytes
-    assert results["zoodip"]["weight_bytes"]["unet"] < 0.35 * results["ti"]["weight_bytes"]["unet"]
+        assert r["status"] == "completed" and r["error"] is None, r
+        assert r["peak_load_bytes"] > 0 and r["peak_train_bytes"] > 0 and r["seconds_per_iter"] > 0
+        assert r["iters_per_second"] == pytest.approx(1 / r["seconds_per_iter"])
+        assert set(r["weight_bytes"]) == {"text_encoder", "unet"} and min(r["weight_bytes"].values()) > 0
+    fwd = {name: results[name]["forward_passes_per_iter"] for name in METHODS}
+    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_int4": 3, "zoodip_fp16": 3,
+                   "ti": 1, "dreambooth": 1}  # fmt: skip
+    unet = {name: results[name]["weight_bytes"]["unet"] for name in METHODS}
+    assert unet["zoodip"] < 0.35 * unet["ti"] and unet["zoodip_int4"] < unet["zoodip"]
     assert results["zoodip"]["quantized_fraction"] > 0 and results["ti"]["quantized_fraction"] == 0
-    assert report["machine"]["cores"] >= 1
+    assert results["zoodip_fp16"]["dtype"] == "bfloat16" and "bf16" in results["zoodip_fp16"]["note"]
     table = (tmp_path / "bench.md").read_text()
-    assert "| crash_for_test | failed" in table and "| dreambooth | completed" in table
+    assert f"| {CRASH_METHOD} | failed" in table and "| dreambooth | completed" in table
+    assert table.strip() in proc.stdout
 
 
 def test_ratios_by_hand():
@@ -51,12 +55,48 @@ def test_ratios_by_hand():
         {**base, "method": "ti", "peak_train_bytes": 8 * 2**30, "seconds_per_iter": 1.0, "iters_per_second": 1.0},
         {**base, "method": "dreambooth", "peak_train_bytes": 30 * 2**30, "seconds_per_iter": 0.25,
          "iters_per_second": 4.0},
+        {"method": "zoodip_int4", "status": "failed", "error": "Boom | with\na newline"},
     ]  # fmt: skip
-    row = next(line for line in markdown(results, info, "sd15", 512).splitlines() if line.startswith("| zoodip |"))
+    lines = markdown(results, info, "sd15", 512).splitlines()
+    row = next(line for line in lines if line.startswith("| zoodip |"))
     assert "| 4.00x | 15.00x | 2.00x |" in row  # TI/zoodip memory, DB/zoodip memory, zoodip/TI speed
+    row = next(line for line in lines if line.startswith("| dreambooth |"))
+    assert "| 0.27x | 1.00x | 4.00x |" in row
+    assert any(line.startswith("| zoodip_int4 | failed: Boom / with a newline |") for line in lines)
 
 
-def test_unknown_method_is_a_usage_error(tmp_path):
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", "bench.methods=[nope]", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and "unknown bench method" in proc.stderr and "Traceback" not in proc.stderr
+def test_weight_bytes_count_quantized_storage():
+    fp32 = torch.nn.Sequential(torch.nn.Linear(256, 512))
+    assert weight_bytes(fp32) == (256 * 512 + 512) * 4
+    int8 = torch.nn.Sequential(torch.nn.Linear(256, 512))
+    quantize_weights(int8, "int8")
+    assert weight_bytes(int8) == 256 * 512 + 512 * 4 + 512 * 4 + 2 * 4  # int8 data, scales, bias, io scales
+    int4 = torch.nn.Sequential(torch.nn.Linear(256, 512))
+    quantize_weights(int4, "int4")
+    assert weight_bytes(int4) < weight_bytes(int8)
+
+
+def test_unknown_method_is_rejected():
+    check_methods(["zoodip", "ti", CRASH_METHOD])
+    with pytest.raises(ZoodipError, match="unknown bench method"):
+        check_methods(["zoodip", "nope"])
+
+
+def test_cuda_figures_drive_the_memory_column():
+    assert device_peak(used_now=3_000, reserved_now=1_000, max_reserved=2_500) == 4_500
+    info = {"cpu": "x", "cores": 2, "gpu": "H100", "torch": "t", "cuda": "12"}
+    base = {
+        "status": "completed",
+        "weights": "none",
+        "dtype": "float16",
+        "peak_load_bytes": 2**30,
+        "peak_train_bytes": 2**30,
+        "forward_passes_per_iter": 1,
+        "seconds_per_iter": 1.0,
+        "iters_per_second": 1.0,
+    }
+    results = [{**base, "method": "zoodip", "cuda_device_peak_bytes": 2**30},
+               {**base, "method": "ti", "cuda_device_peak_bytes": 3 * 2**30}]  # fmt: skip
+    text = markdown(results, info, "sd15", 512)
+    assert "device-wide CUDA peak" in text and "GPU H100" in text
+    assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))

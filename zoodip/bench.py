@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,16 +41,34 @@ METHODS: dict[str, tuple[str, str, str, int, bool]] = {
 }
 
 
+#: Every result carries these keys (None where a failed method never measured them).
+FIELDS = ("method", "status", "error", "peak_load_bytes", "peak_train_bytes", "seconds_per_iter", "iters_per_second",
+          "forward_passes_per_iter", "weight_bytes", "quantized_fraction", "weights", "dtype", "note")  # fmt: skip
+#: Test-only method that crashes inside the worker after it started (checks that a failure is contained).
+CRASH_METHOD = "crash_for_test"
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS and m != CRASH_METHOD]
+    if unknown:
+        raise ZoodipError(f"unknown bench method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+
+
+def failed(method: str, error: str) -> dict[str, Any]:
+    return {**dict.fromkeys(FIELDS), "method": method, "status": "failed", "error": error}
+
+
 # ---------------------------------------------------------------- measuring, inside the worker process
 def rss_high_water() -> int | None:
-    """VmHWM (peak resident set) of this process in bytes, or None where /proc is unavailable."""
+    """VmHWM (peak resident set) of this process in bytes; ru_maxrss where /proc is unavailable (not resettable)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def reset_rss_high_water() -> bool:
@@ -61,25 +80,45 @@ def reset_rss_high_water() -> bool:
         return False
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor; quanto's quantized tensors (and their packed int4 data) count their inner
+    tensors: integer data, scales, shifts. No copy is made (state_dict() could unpack)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every tensor the module holds (quantized weights count their integer data and scales)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    """Bytes of every parameter and buffer the module holds, each shared tensor counted once."""
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def device_peak(used_now: int, reserved_now: int, max_reserved: int) -> int:
+    """Device-wide peak as nvidia-smi would have shown it: the use now (CUDA context and everything else on
+    the device) with torch's current cache swapped for its peak cache."""
+    return used_now - reserved_now + max_reserved
 
 
 def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Load the model as `method` trains it, then time `spec['steps']` training iterations."""
+    if method == CRASH_METHOD:
+        raise RuntimeError("crash_for_test: an injected failure")
+    if method not in METHODS:
+        raise ZoodipError(f"unknown bench method {method!r}; known: {', '.join(METHODS)}")
     from zoodip.estimators import estimate
     from zoodip.models import load_components, resolve_device, resolve_dtype
     from zoodip.objective import Objective, TextConditioner
     from zoodip.quantize import forward_mode, quantized_fraction
 
-    if method not in METHODS:
-        raise ZoodipError(f"unknown bench method {method!r}; known: {', '.join(METHODS)}")
     weights, act, kind, n, batched = METHODS[method]
     device = resolve_device(spec["device"])
     cuda = device.type == "cuda"
+    note = None
     if act == "half":
         act = "fp16" if cuda else "bf16"
+        note = None if cuda else "bf16 activations: fp16 has no fast CPU kernels"
     dtype = resolve_dtype(act, device)
     parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"])
     text = TextConditioner(parts, "<bench>", "dog", 1)
@@ -91,7 +130,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "weight_bytes": {name: weight_bytes(m) for name, m in components.items()},
         "quantized_fraction": quantized_fraction(list(components.values())),
-        "dtype": str(dtype).removeprefix("torch."), "weights": weights,
+        "dtype": str(dtype).removeprefix("torch."), "weights": weights, "note": note,
     }  # fmt: skip
     if cuda:
         torch.cuda.synchronize(device)
@@ -142,7 +181,11 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         free, total = torch.cuda.mem_get_info(device)
-        result["cuda_device_used_bytes"] = total - free  # what nvidia-smi shows, CUDA context included
+        used = total - free  # what nvidia-smi shows now: CUDA context, other allocations and torch's cache
+        result["cuda_device_used_bytes"] = used
+        result["cuda_device_peak_bytes"] = device_peak(
+            used, torch.cuda.memory_reserved(device), result["cuda_max_reserved_bytes"]
+        )
         result["gpu"] = torch.cuda.get_device_name(device)
     return result
 
@@ -151,10 +194,10 @@ def worker(method: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(spec["seed"])
     try:
-        result = {"method": method, "status": "completed", "error": None, **measure(method, spec)}
+        result = {**dict.fromkeys(FIELDS), "method": method, "status": "completed", **measure(method, spec)}
     except Exception as err:  # reported, never raised: the parent carries on with the next method
-        result = {"method": method, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-    Path(out_path).write_text(json.dumps(result))
+        result = failed(method, f"{type(err).__name__}: {err}")
+    atomic_write_text(out_path, json.dumps(result))
 
 
 # ---------------------------------------------------------------- the parent: one process per method
@@ -166,11 +209,11 @@ def run_method(method: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"method": method, "status": "failed", "error": f"timed out after {timeout_s:.0f} s"}
-        if out_path.is_file():
+            return failed(method, f"timed out after {timeout_s:.0f} s")
+        with contextlib.suppress(OSError, ValueError):
             return json.loads(out_path.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"method": method, "status": "failed", "error": f"worker exited with {proc.returncode}: {tail[0]}"}
+        return failed(method, f"worker exited with {proc.returncode} (killed for memory?): {tail[0]}")
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -179,12 +222,14 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def machine() -> dict[str, Any]:
+def machine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The machine line. The GPU's name comes from the workers: the parent never touches CUDA, so no CUDA
+    context of its own inflates the device-wide memory the workers measure."""
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = next((r["gpu"] for r in results if r.get("gpu")), None)
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version()}  # fmt: skip
 
@@ -192,13 +237,14 @@ def machine() -> dict[str, Any]:
 def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, resolution: int) -> str:
     """The results as a table, with memory ratios against `ti` and `dreambooth` and speed against `ti`."""
     by = {r["method"]: r for r in results if r["status"] == "completed"}
-    mem = "cuda_device_used_bytes" if any("cuda_device_used_bytes" in r for r in by.values()) else "peak_train_bytes"
+    mem = "cuda_device_peak_bytes" if any("cuda_device_peak_bytes" in r for r in by.values()) else "peak_train_bytes"
     ti, db = by.get("ti", {}), by.get("dreambooth", {})
     fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
+    times = lambda x: "—" if x is None else f"{x:.2f}x"  # noqa: E731
     lines = [
         f"Model: {arch} (random weights), {resolution} px, batch 1. Machine: {info['cpu']}, {info['cores']} cores, "
         f"GPU {info['gpu'] or 'none'}, torch {info['torch']}, CUDA {info['cuda'] or 'none'}.",
-        f"Memory column: {'device-wide CUDA use' if mem.startswith('cuda') else 'peak RSS during training steps'}.",
+        f"Memory column: {'device-wide CUDA peak' if mem.startswith('cuda') else 'peak RSS during training steps'}.",
         "",
         "| method | status | weights | act. | peak load GB | peak train GB | s/iter | it/s | fwd/iter | "
         "TI / method mem | DB / method mem | speed vs TI |",
@@ -206,37 +252,41 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, res
     ]
     for r in results:
         if r["status"] != "completed":
-            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
+            error = " ".join(str(r["error"]).split()).replace("|", "/")[:200]
+            lines.append(f"| {r['method']} | failed: {error} |" + " |" * 10)
             continue
         gb = lambda key, r=r: fmt(r.get(key) / 2**30 if r.get(key) is not None else None, ".2f")  # noqa: E731
         lines.append(
-            f"| {r['method']} | completed | {r['weights']} | {r['dtype']} | {gb('peak_load_bytes')} | {gb(mem)} | "
+            f"| {r['method']} | completed | {r['weights']} | {r['dtype']}{'*' if r.get('note') else ''} | "
+            f"{gb('peak_load_bytes')} | {gb(mem)} | "
             f"{r['seconds_per_iter']:.3f} | {r['iters_per_second']:.2f} | {r['forward_passes_per_iter']} | "
-            f"{fmt(ratio(ti.get(mem), r.get(mem)), '.2f')}x | {fmt(ratio(db.get(mem), r.get(mem)), '.2f')}x | "
-            f"{fmt(ratio(r['iters_per_second'], ti.get('iters_per_second')), '.2f')}x |"
+            f"{times(ratio(ti.get(mem), r.get(mem)))} | {times(ratio(db.get(mem), r.get(mem)))} | "
+            f"{times(ratio(r['iters_per_second'], ti.get('iters_per_second')))} |"
         )
+    lines += [f"\n\\* {r['method']}: {r['note']}" for r in results if r.get("note")]
     return "\n".join(lines) + "\n"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     b = cfg.bench
-    unknown = [m for m in b.methods if m not in METHODS]
-    if unknown and not os.environ.get("ZOODIP_BENCH_ALLOW_UNKNOWN"):  # tests use it to inject a crashing method
-        print(f"error: unknown bench method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+    try:
+        check_methods(list(b.methods))
+    except ZoodipError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     resolution = int(b.resolution or cfg.model.resolution)
     spec = {"arch": cfg.model.arch, "device": b.device, "steps": int(b.steps), "warmup": int(b.warmup),
             "resolution": resolution, "seed": int(b.seed)}  # fmt: skip
     out = Path(HydraConfig.get().runtime.output_dir)
-    results = []
+    results: list[dict[str, Any]] = []
     for method in b.methods:
         print(f"zoodip-bench: {method} ...", file=sys.stderr, flush=True)
         results.append(run_method(method, spec, float(b.timeout_s)))
-        info = machine()
+        info = machine(results)
         report = {"machine": info, "model": cfg.model.arch, "resolution": resolution, "spec": spec, "results": results}
         write_json(out / "bench.json", report)  # after every method: a crash later loses nothing
-    table = markdown(results, info, cfg.model.arch, resolution)
+    table = markdown(results, machine(results), cfg.model.arch, resolution)
     atomic_write_text(out / "bench.md", table)
     print(table)
     print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)
