@@ -34,14 +34,18 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
         assert r["iters_per_second"] == pytest.approx(1 / r["seconds_per_iter"])
         assert set(r["weight_bytes"]) == {"text_encoder", "unet"} and min(r["weight_bytes"].values()) > 0
     fwd = {name: results[name]["forward_passes_per_iter"] for name in METHODS}
-    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_int4": 3, "zoodip_fp16": 3,
-                   "ti": 1, "dreambooth": 1}  # fmt: skip
+    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_quanto": 3, "zoodip_fp32": 3,
+                   "zoodip_int4": 3, "zoodip_fp16": 3, "ti": 1, "dreambooth": 1}  # fmt: skip
+    assert all(0 < results[name]["baseline_bytes"] <= results[name]["peak_load_bytes"] for name in METHODS)
+    assert results["zoodip_quanto"]["weight_bytes"] == results["zoodip"]["weight_bytes"]
+    assert results["zoodip_fp32"]["dtype"] == "float32" and results["zoodip"]["dtype"] == "bfloat16"
     unet = {name: results[name]["weight_bytes"]["unet"] for name in METHODS}
     assert unet["zoodip"] < 0.35 * unet["ti"] and unet["zoodip_int4"] < unet["zoodip"]
     assert results["zoodip"]["quantized_fraction"] > 0 and results["ti"]["quantized_fraction"] == 0
     assert results["zoodip_fp16"]["dtype"] == "bfloat16" and "bf16" in results["zoodip_fp16"]["note"]
     table = (tmp_path / "bench.md").read_text()
     assert f"| {CRASH_METHOD} | failed" in table and "| dreambooth | completed" in table
+    assert table.count("fp16 has no fast CPU kernels") == 1 and "zoodip, zoodip_n1, zoodip_batched" in table
     assert table.strip() in proc.stdout
 
 

@@ -31,6 +31,7 @@ def rejects(tmp_path, *overrides: str, match: str) -> None:
         ("estimator.n=0", "estimator.n"),
         ("estimator.mu=0", "estimator.mu"),
         ("estimator.mu=-0.1", "estimator.mu"),
+        ("train.cpu_memory=tiny", "train.cpu_memory must be one of lean, fast"),
     ],
 )
 def test_invalid_hyperparameters(tmp_path, override, match):

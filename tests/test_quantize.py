@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from zoodip import CONF_DIR
-from zoodip.quantize import count_quantized, quantize_weights
+from zoodip.errors import ZoodipError
+from zoodip.models import _safetensors_shards, build_quantized_unet, set_cpu_memory
+from zoodip.quantize import count_quantized, quantize_weights, use_fast_cpu_int8
 
 
 def tiny_unet() -> UNet2DConditionModel:
@@ -54,3 +57,104 @@ def test_sd15_fraction_is_the_papers_96_4_percent():
         text = CLIPTextModel(CLIPTextConfig.from_dict(json.loads((arch / "text_encoder/config.json").read_text())))
     fraction = _linear_conv_fraction(unet, vae, text)
     assert abs(fraction - 0.964) < 0.003, fraction
+
+
+def test_fast_cpu_int8_computes_the_dequantized_layer_by_hand():
+    """W = q * s per output channel (Eq. 2), then the float layer: checked against a hand dequantization."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Conv2d(3, 8, 3, padding=1))
+    quantize_weights(net, "int8")
+    assert use_fast_cpu_int8(net) == 2 and use_fast_cpu_int8(net) == 0  # switched once only
+    lin, conv = net[0], net[1]
+    w_lin = lin.weight._data.float() * lin.weight._scale.float()
+    w_conv = conv.weight._data.float() * conv.weight._scale.float()
+    x, img = torch.randn(300, 16), torch.randn(2, 3, 5, 5)
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, w_lin, lin.bias), atol=1e-5)
+        assert torch.allclose(conv(img), torch.nn.functional.conv2d(img, w_conv, conv.bias, padding=1), atol=1e-5)
+    bf16 = torch.nn.Sequential(torch.nn.Linear(16, 32)).bfloat16()
+    quantize_weights(bf16, "int8")
+    use_fast_cpu_int8(bf16)
+    with torch.inference_mode():  # many rows: the dequantized GEMM; few rows: quanto's int8pack kernel
+        for rows in (300, 7):  # either side of INT8PACK_MAX_ROWS
+            xb = torch.randn(rows, 16).bfloat16()
+            assert torch.allclose(bf16(xb).float(), bf16[0]._quanto_forward(xb).float(), atol=0.05)
+
+
+def test_fast_cpu_int8_leaves_autograd_to_quanto():
+    """With autograd on, the shared dequantization buffer would be saved for backward and then overwritten by
+    the next layer: such forwards keep quanto's path, and the input gradient is right."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    quantize_weights(net, "int8")
+    use_fast_cpu_int8(net)
+    x = torch.randn(200, 8, requires_grad=True)
+    net(x).sum().backward()
+    w0 = net[0].weight._data.float() * net[0].weight._scale.float()
+    w1 = net[1].weight._data.float() * net[1].weight._scale.float()
+    assert torch.allclose(x.grad, (torch.ones(200, 4) @ w1 @ w0), atol=1e-4)
+
+
+def test_quantized_unet_streams_from_safetensors_like_from_pretrained(tiny_pipeline_dir):
+    """Built block by block from the folder's safetensors: exactly the weights of from_pretrained + quantize."""
+    folder = tiny_pipeline_dir / "unet"
+    reference = UNet2DConditionModel.from_pretrained(folder)
+    quantize_weights(reference, "int8")
+    streamed = build_quantized_unet(UNet2DConditionModel.load_config(folder), torch.float32, "int8",
+                                    weights=_safetensors_shards(folder))  # fmt: skip
+    ref_state, state = reference.state_dict(), streamed.state_dict()
+    assert list(state) == list(ref_state)
+    for key, value in ref_state.items():
+        assert torch.equal(state[key], value), key
+    assert count_quantized(streamed) == count_quantized(reference)
+
+
+def test_quantized_unet_rejects_weights_of_another_architecture(tiny_pipeline_dir):
+    folder = tiny_pipeline_dir / "unet"
+    weights = _safetensors_shards(folder)
+    weights.pop(next(iter(weights)))
+    config = UNet2DConditionModel.load_config(folder)
+    with pytest.raises(ZoodipError, match="do not match its config"):
+        build_quantized_unet(config, torch.float32, "int8", weights=weights)
+
+
+def test_random_quantized_unet_has_default_init_statistics():
+    """Seeded, block by block: reset_parameters draws the same distribution as an eager from_config build."""
+    config = UNet2DConditionModel.load_config(CONF_DIR / "arch/tiny/unet")
+    torch.manual_seed(5)
+    a = build_quantized_unet(config, torch.float32, "int8")
+    torch.manual_seed(5)
+    b = build_quantized_unet(config, torch.float32, "int8")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    eager = tiny_unet()
+    big = "down_blocks.0.resnets.0.conv1.weight"  # 3x3 conv: kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    w = a.get_submodule(big.removesuffix(".weight")).weight
+    dequantized = w._data.float() * w._scale.float()
+    bound = 1 / (eager.get_submodule(big.removesuffix(".weight")).weight[0].numel() ** 0.5)
+    assert dequantized.abs().max() <= bound * 1.01 and dequantized.std() > 0.5 * bound / 3**0.5
+    assert torch.equal(a.get_submodule("conv_norm_out").weight, torch.ones_like(eager.conv_norm_out.weight))
+
+
+def test_lean_cpu_heap_returns_large_blocks_at_once():
+    """mallopt(M_MMAP_THRESHOLD, 1 MiB), in fresh processes: freed 2 MiB blocks leave the RSS at once (lean),
+    where glibc's default keeps them in the heap (fast)."""
+    code = (
+        "import sys, torch\n"
+        "from zoodip.models import set_cpu_memory\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+        "assert set_cpu_memory(sys.argv[1]) == (sys.argv[1] == 'lean')\n"
+        "x = torch.ones(2**20); del x\n"  # a 4 MiB block freed: glibc's default raises its threshold past it
+        "before = rss()\n"
+        "blocks = [torch.ones(2**19) for _ in range(10)]; pin = torch.ones(2**17)\n"  # 10 x 2 MiB, then pinned
+        "del blocks\n"
+        "print(rss() - before)\n"
+    )
+    import subprocess
+    import sys
+
+    grown = {m: int(subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, check=True)
+                    .stdout.split()[-1]) for m in ("lean", "fast")}  # fmt: skip
+    assert grown["lean"] < 4 and grown["fast"] >= 16, grown  # lean unmapped the 20 MiB on free; fast kept it
+    with pytest.raises(ZoodipError, match="cpu_memory must be one of"):
+        set_cpu_memory("small")

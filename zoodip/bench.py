@@ -29,21 +29,25 @@ from zoodip import CONF_DIR
 from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.io import atomic_write_text, write_json
 
-# method -> (weights, activations, how the token's gradient is obtained, n, batched)
-METHODS: dict[str, tuple[str, str, str, int, bool]] = {
-    "zoodip": ("int8", "auto", "rge", 2, False),
-    "zoodip_n1": ("int8", "auto", "rge", 1, False),
-    "zoodip_batched": ("int8", "auto", "rge", 2, True),
-    "zoodip_int4": ("int4", "bf16", "rge", 2, False),
-    "zoodip_fp16": ("none", "half", "rge", 2, False),  # fp16 on CUDA; bf16 on CPU (no fast fp16 there)
-    "ti": ("none", "fp32", "backprop", 1, False),
-    "dreambooth": ("none", "fp32", "dreambooth", 1, False),
+# method -> (weights, activations, how the token's gradient is obtained, n, batched, fast CPU INT8 kernels).
+# "half" activations: fp16 on CUDA (the paper's setting), bf16 on CPU (fp16 has no fast CPU kernels).
+METHODS: dict[str, tuple[str, str, str, int, bool, bool]] = {
+    "zoodip": ("int8", "half", "rge", 2, False, True),
+    "zoodip_n1": ("int8", "half", "rge", 1, False, True),
+    "zoodip_batched": ("int8", "half", "rge", 2, True, True),
+    "zoodip_quanto": ("int8", "half", "rge", 2, False, False),  # quanto's own CPU kernels, for comparison
+    "zoodip_fp32": ("int8", "fp32", "rge", 2, False, True),  # training's CPU default activations
+    "zoodip_int4": ("int4", "bf16", "rge", 2, False, True),
+    "zoodip_fp16": ("none", "half", "rge", 2, False, True),  # unquantized, forward-only
+    "ti": ("none", "fp32", "backprop", 1, False, True),
+    "dreambooth": ("none", "fp32", "dreambooth", 1, False, True),
 }
 
 
 #: Every result carries these keys (None where a failed method never measured them).
 FIELDS = ("method", "status", "error", "peak_load_bytes", "peak_train_bytes", "seconds_per_iter", "iters_per_second",
-          "forward_passes_per_iter", "weight_bytes", "quantized_fraction", "weights", "dtype", "note")  # fmt: skip
+          "forward_passes_per_iter", "weight_bytes", "quantized_fraction", "weights", "dtype", "note",
+          "baseline_bytes")  # fmt: skip
 #: Test-only method that crashes inside the worker after it started (checks that a failure is contained).
 CRASH_METHOD = "crash_for_test"
 
@@ -108,11 +112,11 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     if method not in METHODS:
         raise ZoodipError(f"unknown bench method {method!r}; known: {', '.join(METHODS)}")
     from zoodip.estimators import estimate
-    from zoodip.models import load_components, resolve_device, resolve_dtype
+    from zoodip.models import load_components, resolve_device, resolve_dtype, set_cpu_memory
     from zoodip.objective import Objective, TextConditioner
     from zoodip.quantize import forward_mode, quantized_fraction
 
-    weights, act, kind, n, batched = METHODS[method]
+    weights, act, kind, n, batched, fast = METHODS[method]
     device = resolve_device(spec["device"])
     cuda = device.type == "cuda"
     note = None
@@ -120,7 +124,10 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         act = "fp16" if cuda else "bf16"
         note = None if cuda else "bf16 activations: fp16 has no fast CPU kernels"
     dtype = resolve_dtype(act, device)
-    parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"])
+    if not cuda:
+        set_cpu_memory(spec["cpu_memory"])
+    baseline = rss_high_water()  # the interpreter, torch and the libraries: before any weight exists
+    parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"], fast_cpu_int8=fast)
     text = TextConditioner(parts, "<bench>", "dog", 1)
     res = spec["resolution"]
     latent = (1, parts.unet.config.in_channels, res // 8, res // 8)
@@ -130,7 +137,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "weight_bytes": {name: weight_bytes(m) for name, m in components.items()},
         "quantized_fraction": quantized_fraction(list(components.values())),
-        "dtype": str(dtype).removeprefix("torch."), "weights": weights, "note": note,
+        "dtype": str(dtype).removeprefix("torch."), "weights": weights, "note": note, "baseline_bytes": baseline,
     }  # fmt: skip
     if cuda:
         torch.cuda.synchronize(device)
@@ -244,26 +251,31 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, res
     lines = [
         f"Model: {arch} (random weights), {resolution} px, batch 1. Machine: {info['cpu']}, {info['cores']} cores, "
         f"GPU {info['gpu'] or 'none'}, torch {info['torch']}, CUDA {info['cuda'] or 'none'}.",
-        f"Memory column: {'device-wide CUDA peak' if mem.startswith('cuda') else 'peak RSS during training steps'}.",
+        f"Memory column: {'device-wide CUDA peak' if mem.startswith('cuda') else 'peak RSS during training steps'}; "
+        "base: RSS of the interpreter and libraries before any weight is loaded (included in every peak).",
         "",
-        "| method | status | weights | act. | peak load GB | peak train GB | s/iter | it/s | fwd/iter | "
+        "| method | status | weights | act. | base GB | peak load GB | peak train GB | s/iter | it/s | fwd/iter | "
         "TI / method mem | DB / method mem | speed vs TI |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["status"] != "completed":
             error = " ".join(str(r["error"]).split()).replace("|", "/")[:200]
-            lines.append(f"| {r['method']} | failed: {error} |" + " |" * 10)
+            lines.append(f"| {r['method']} | failed: {error} |" + " |" * 11)
             continue
         gb = lambda key, r=r: fmt(r.get(key) / 2**30 if r.get(key) is not None else None, ".2f")  # noqa: E731
         lines.append(
             f"| {r['method']} | completed | {r['weights']} | {r['dtype']}{'*' if r.get('note') else ''} | "
-            f"{gb('peak_load_bytes')} | {gb(mem)} | "
-            f"{r['seconds_per_iter']:.3f} | {r['iters_per_second']:.2f} | {r['forward_passes_per_iter']} | "
+            f"{gb('baseline_bytes')} | {gb('peak_load_bytes')} | {gb(mem)} | "
+            f"{r['seconds_per_iter']:.3f} | {r['iters_per_second']:.3g} | {r['forward_passes_per_iter']} | "
             f"{times(ratio(ti.get(mem), r.get(mem)))} | {times(ratio(db.get(mem), r.get(mem)))} | "
             f"{times(ratio(r['iters_per_second'], ti.get('iters_per_second')))} |"
         )
-    lines += [f"\n\\* {r['method']}: {r['note']}" for r in results if r.get("note")]
+    notes: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(r["method"])
+    lines += [f"\n\\* {', '.join(methods)}: {note}" for note, methods in notes.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +289,7 @@ def hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(EXIT_USAGE) from None
     resolution = int(b.resolution or cfg.model.resolution)
     spec = {"arch": cfg.model.arch, "device": b.device, "steps": int(b.steps), "warmup": int(b.warmup),
-            "resolution": resolution, "seed": int(b.seed)}  # fmt: skip
+            "resolution": resolution, "seed": int(b.seed), "cpu_memory": b.cpu_memory}  # fmt: skip
     out = Path(HydraConfig.get().runtime.output_dir)
     results: list[dict[str, Any]] = []
     for method in b.methods:

@@ -33,7 +33,7 @@ from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.estimators import ESTIMATORS, estimate
 from zoodip.evaluate import Validator, evaluate_run, preflight
 from zoodip.io import atomic_write, read_json, write_json
-from zoodip.models import load_components, resolve_device, resolve_dtype
+from zoodip.models import CPU_MEMORY_MODES, load_components, resolve_device, resolve_dtype, set_cpu_memory
 from zoodip.objective import Objective, TextConditioner
 from zoodip.planted import PlantedTask
 from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction
@@ -62,6 +62,10 @@ def validate(cfg: DictConfig) -> None:
         ),
         (cfg.quantization.weights in QUANTIZATIONS, f"quantization must be one of {', '.join(QUANTIZATIONS)}"),
         (cfg.data.kind in ("dreambooth", "planted"), f"data must be dreambooth or planted, got {cfg.data.kind!r}"),
+        (
+            cfg.train.cpu_memory in CPU_MEMORY_MODES,
+            f"train.cpu_memory must be one of {', '.join(CPU_MEMORY_MODES)}, got {cfg.train.cpu_memory!r}",
+        ),
         (
             est.name != "backprop" or cfg.quantization.weights == "none",
             "estimator=backprop is the first-order TI baseline through an unquantized model: "
@@ -132,6 +136,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     quant = cfg.quantization.weights
+    if device.type == "cpu":
+        set_cpu_memory(cfg.train.cpu_memory)
     data_cfg = cfg.data
     if data_cfg.kind == "dreambooth":  # read the images before loading a multi-GB model
         images, names = load_reference_images(data_cfg.path, int(data_cfg.resolution))
