@@ -42,7 +42,7 @@ def quantize_weights(module: torch.nn.Module, quantization: str, include: list[s
 #: kernel: right for the time embedding's 1-3 rows; from 77 rows up, dequantize + bf16 GEMM measured 1.5-3.8x
 #: faster, `python -m zoodip.bench_kernels`).
 INT8PACK_MAX_ROWS = 16
-_workspaces: dict[torch.dtype, torch.Tensor] = {}
+_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,10 +53,11 @@ def _dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torc
     the largest layer and is created outside inference mode so no_grad forwards may write it too.
     """
     data, scale = weight._data, weight._scale
-    buffer = _workspaces.get(dtype)
+    key = (data.device, dtype)
+    buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < data.numel():
         with torch.inference_mode(False):
-            buffer = _workspaces[dtype] = torch.empty(data.numel(), dtype=dtype, device=data.device)
+            buffer = _workspaces[key] = torch.empty(data.numel(), dtype=dtype, device=data.device)
     out = buffer[: data.numel()].view(data.shape)
     return torch.mul(data, scale if scale.dtype == dtype else scale.to(dtype), out=out)
 
