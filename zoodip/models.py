@@ -78,8 +78,9 @@ def set_cpu_memory(mode: str) -> bool:
     `lean` serves every allocation of 1 MiB or more with its own mapping, handed back to the OS on free.
     glibc's default (`fast`) raises that threshold as large blocks are freed and then reuses heap memory,
     which on an SD1.5 forward leaves ~0.6 GB of freed activations resident (peak RSS 2.7 vs 2.1 GB
-    measured), but spares the page faults: lean CPU forwards were ~25% slower (BENCHMARKS.md).
-    glibc cannot go back to its adaptive threshold, so `fast` leaves a process already set to lean as it is.
+    measured), but spares the page faults: under lean a ZOODiP iteration was ~9% slower, a TI one 54%
+    (BENCHMARKS.md). glibc cannot go back to its adaptive threshold, so `fast` leaves a process already
+    set to lean as it is.
     """
     if mode not in CPU_MEMORY_MODES:
         raise ZoodipError(f"cpu_memory must be one of {', '.join(CPU_MEMORY_MODES)}; got {mode!r}")
