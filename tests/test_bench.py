@@ -104,3 +104,10 @@ def test_cuda_figures_drive_the_memory_column():
     text = markdown(results, info, "sd15", 512)
     assert "device-wide CUDA peak" in text and "GPU H100" in text
     assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))
+
+
+def test_bad_heap_mode_is_a_usage_error(tmp_path):
+    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", "bench.cpu_memory=small", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "bench.cpu_memory must be lean or fast" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()

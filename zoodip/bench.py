@@ -284,6 +284,10 @@ def hydra_main(cfg: DictConfig) -> None:
     b = cfg.bench
     try:
         check_methods(list(b.methods))
+        from zoodip.models import CPU_MEMORY_MODES
+
+        if b.cpu_memory not in CPU_MEMORY_MODES:
+            raise ZoodipError(f"bench.cpu_memory must be {' or '.join(CPU_MEMORY_MODES)}, got {b.cpu_memory!r}")
     except ZoodipError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
