@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from zoodip import CONF_DIR
 from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.io import atomic_write_text, write_json
+from zoodip.models import peak_rss_bytes
 
 # method -> (weights, activations, how the token's gradient is obtained, n, batched, fast CPU INT8 kernels).
 # "half" activations: fp16 on CUDA (the paper's setting), bf16 on CPU (fp16 has no fast CPU kernels).
@@ -71,8 +71,7 @@ def rss_high_water() -> int | None:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    return peak_rss_bytes()
 
 
 def reset_rss_high_water() -> bool:
@@ -109,8 +108,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Load the model as `method` trains it, then time `spec['steps']` training iterations."""
     if method == CRASH_METHOD:
         raise RuntimeError("crash_for_test: an injected failure")
-    if method not in METHODS:
-        raise ZoodipError(f"unknown bench method {method!r}; known: {', '.join(METHODS)}")
+    check_methods([method])
     from zoodip.estimators import estimate
     from zoodip.models import load_components, resolve_device, resolve_dtype, set_cpu_memory
     from zoodip.objective import Objective, TextConditioner

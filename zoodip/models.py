@@ -8,6 +8,8 @@ import ctypes
 import gc
 import json
 import logging
+import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,12 @@ def release_freed_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (getrusage: KiB on Linux, bytes on macOS)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 #: glibc mallopt parameter: allocations at or above this size get their own mmap, returned on free.

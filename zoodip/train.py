@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,14 @@ from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.estimators import ESTIMATORS, estimate
 from zoodip.evaluate import Validator, evaluate_run, preflight
 from zoodip.io import atomic_write, read_json, write_json
-from zoodip.models import CPU_MEMORY_MODES, load_components, resolve_device, resolve_dtype, set_cpu_memory
+from zoodip.models import (
+    CPU_MEMORY_MODES,
+    load_components,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+    set_cpu_memory,
+)
 from zoodip.objective import Objective, TextConditioner
 from zoodip.planted import PlantedTask
 from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction
@@ -85,7 +91,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_rss_bytes()
 
 
 def save_embeddings(run_dir: Path, text: TextConditioner, theta: torch.Tensor) -> None:
