@@ -9,7 +9,17 @@ import sys
 import pytest
 import torch
 
-from zoodip.bench import CRASH_METHOD, FIELDS, METHODS, check_methods, device_peak, markdown, ratio, weight_bytes
+from zoodip.bench import (
+    CRASH_METHOD,
+    FIELDS,
+    METHODS,
+    check_methods,
+    device_peak,
+    markdown,
+    ratio,
+    run_time,
+    weight_bytes,
+)
 from zoodip.errors import ZoodipError
 from zoodip.quantize import quantize_weights
 
@@ -61,12 +71,16 @@ def test_ratios_by_hand():
          "iters_per_second": 4.0},
         {"method": "zoodip_int4", "status": "failed", "error": "Boom | with\na newline"},
     ]  # fmt: skip
-    lines = markdown(results, info, "sd15", 512).splitlines()
+    lines = markdown(results, info, "sd15", 512, 600).splitlines()
+    assert "Full run: 600 iterations" in lines[2]
     row = next(line for line in lines if line.startswith("| zoodip |"))
-    assert "| 4.00x | 15.00x | 2.00x |" in row  # TI/zoodip memory, DB/zoodip memory, zoodip/TI speed
+    assert "| 5.0 min | 4.00x | 15.00x | 2.00x |" in row  # 600 x 0.5 s; TI/zoodip, DB/zoodip memory; speed
+    assert run_time(0.02, 30_000) == "10.0 min" and run_time(0.5, 30_000) == "4.2 h"  # from 2 h on, in hours
     row = next(line for line in lines if line.startswith("| dreambooth |"))
     assert "| 0.27x | 1.00x | 4.00x |" in row
-    assert any(line.startswith("| zoodip_int4 | failed: Boom / with a newline |") for line in lines)
+    failed_row = next(line for line in lines if line.startswith("| zoodip_int4 |"))
+    assert failed_row.startswith("| zoodip_int4 | failed: Boom / with a newline |")
+    assert failed_row.count("|") == row.count("|")  # a failed row has every column
 
 
 def test_weight_bytes_count_quantized_storage():
@@ -101,7 +115,7 @@ def test_cuda_figures_drive_the_memory_column():
     }
     results = [{**base, "method": "zoodip", "cuda_device_peak_bytes": 2**30},
                {**base, "method": "ti", "cuda_device_peak_bytes": 3 * 2**30}]  # fmt: skip
-    text = markdown(results, info, "sd15", 512)
+    text = markdown(results, info, "sd15", 512, 30_000)
     assert "device-wide CUDA peak" in text and "GPU H100" in text
     assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))
 

@@ -95,6 +95,24 @@ def test_fast_cpu_int8_leaves_autograd_to_quanto():
     assert torch.allclose(x.grad, (torch.ones(200, 4) @ w1 @ w0), atol=1e-4)
 
 
+def test_int4_linear_projection_takes_the_permuted_feature_map():
+    """SD2.1 and SDXL transformers project a permuted (strided) feature map with a Linear `proj_in`; quanto's
+    packed-INT4 bf16 CPU matmul rejected it ("expect A to be contiguous"), failing zoodip_int4 on SDXL."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(0)
+    block = Transformer2DModel(2, 128, in_channels=256, use_linear_projection=True, cross_attention_dim=64)
+    block = block.to(torch.bfloat16).eval()
+    x = torch.randn(1, 256, 4, 4, dtype=torch.bfloat16)
+    context = torch.randn(1, 7, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = block(x, context).sample.float()
+        quantize_weights(block, "int4")
+        out = block(x, context).sample.float()
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert (out - reference).norm() < 0.2 * reference.norm()  # INT4 weights: close, not equal
+
+
 def test_quantized_unet_streams_from_safetensors_like_from_pretrained(tiny_pipeline_dir):
     """Built block by block from the folder's safetensors: exactly the weights of from_pretrained + quantize."""
     folder = tiny_pipeline_dir / "unet"

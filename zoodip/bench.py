@@ -239,8 +239,15 @@ def machine(results: list[dict[str, Any]]) -> dict[str, Any]:
             "python": platform.python_version()}  # fmt: skip
 
 
-def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, resolution: int) -> str:
-    """The results as a table, with memory ratios against `ti` and `dreambooth` and speed against `ti`."""
+def run_time(seconds: float, steps: int) -> str:
+    """A full training run of `steps` iterations at `seconds` per iteration, in minutes or hours."""
+    minutes = seconds * steps / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, resolution: int, run_steps: int) -> str:
+    """The results as a table, with memory ratios against `ti` and `dreambooth`, speed against `ti`, and the
+    time a full run of `run_steps` iterations would take at the measured speed."""
     by = {r["method"]: r for r in results if r["status"] == "completed"}
     mem = "cuda_device_peak_bytes" if any("cuda_device_peak_bytes" in r for r in by.values()) else "peak_train_bytes"
     ti, db = by.get("ti", {}), by.get("dreambooth", {})
@@ -251,21 +258,23 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, res
         f"GPU {info['gpu'] or 'none'}, torch {info['torch']}, CUDA {info['cuda'] or 'none'}.",
         f"Memory column: {'device-wide CUDA peak' if mem.startswith('cuda') else 'peak RSS during training steps'}; "
         "base: RSS of the interpreter and libraries before any weight is loaded (included in every peak).",
+        f"Full run: {run_steps:,} iterations at the measured speed (training's logging and checkpoints excluded).",
         "",
         "| method | status | weights | act. | base GB | peak load GB | peak train GB | s/iter | it/s | fwd/iter | "
-        "TI / method mem | DB / method mem | speed vs TI |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "full run | TI / method mem | DB / method mem | speed vs TI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["status"] != "completed":
             error = " ".join(str(r["error"]).split()).replace("|", "/")[:200]
-            lines.append(f"| {r['method']} | failed: {error} |" + " |" * 11)
+            lines.append(f"| {r['method']} | failed: {error} |" + " |" * 12)
             continue
         gb = lambda key, r=r: fmt(r.get(key) / 2**30 if r.get(key) is not None else None, ".2f")  # noqa: E731
         lines.append(
             f"| {r['method']} | completed | {r['weights']} | {r['dtype']}{'*' if r.get('note') else ''} | "
             f"{gb('baseline_bytes')} | {gb('peak_load_bytes')} | {gb(mem)} | "
             f"{r['seconds_per_iter']:.3f} | {r['iters_per_second']:.3g} | {r['forward_passes_per_iter']} | "
+            f"{run_time(r['seconds_per_iter'], run_steps)} | "
             f"{times(ratio(ti.get(mem), r.get(mem)))} | {times(ratio(db.get(mem), r.get(mem)))} | "
             f"{times(ratio(r['iters_per_second'], ti.get('iters_per_second')))} |"
         )
@@ -291,7 +300,8 @@ def hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(EXIT_USAGE) from None
     resolution = int(b.resolution or cfg.model.resolution)
     spec = {"arch": cfg.model.arch, "device": b.device, "steps": int(b.steps), "warmup": int(b.warmup),
-            "resolution": resolution, "seed": int(b.seed), "cpu_memory": b.cpu_memory}  # fmt: skip
+            "resolution": resolution, "seed": int(b.seed), "cpu_memory": b.cpu_memory,
+            "run_steps": int(b.run_steps)}  # fmt: skip
     out = Path(HydraConfig.get().runtime.output_dir)
     results: list[dict[str, Any]] = []
     for method in b.methods:
@@ -300,7 +310,7 @@ def hydra_main(cfg: DictConfig) -> None:
         info = machine(results)
         report = {"machine": info, "model": cfg.model.arch, "resolution": resolution, "spec": spec, "results": results}
         write_json(out / "bench.json", report)  # after every method: a crash later loses nothing
-    table = markdown(results, machine(results), cfg.model.arch, resolution)
+    table = markdown(results, machine(results), cfg.model.arch, resolution, spec["run_steps"])
     atomic_write_text(out / "bench.md", table)
     print(table)
     print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)

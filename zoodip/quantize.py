@@ -36,6 +36,14 @@ def quantize_weights(module: torch.nn.Module, quantization: str, include: list[s
     for layer in module.modules():
         if isinstance(layer, QModuleMixin) and not layer.frozen:
             layer.freeze()
+            if quantization == "int4" and isinstance(layer, torch.nn.Linear):
+                layer.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(layer: torch.nn.Module, args: tuple) -> tuple:
+    """quanto's packed-INT4 bf16 CPU matmul (torch._weight_int4pack_mm) rejects strided inputs, such as the
+    permuted feature map that SD2.1's and SDXL's `proj_in` (use_linear_projection) get at batch size 1."""
+    return (args[0].contiguous(), *args[1:])
 
 
 #: Below this many activation rows a bf16 Linear keeps quanto's torch._weight_int8pack_mm (a matrix-vector
