@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -44,3 +45,9 @@ def subject_dir(tmp_path_factory) -> Path:
         array = rng.integers(0, 255, size=(80, 96, 3), dtype=np.uint8)
         Image.fromarray(array).save(folder / f"{i:02d}.jpg")
     return folder
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Every tensor of the two modules' state dicts equal (quantized tensors compare their int data and scales)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

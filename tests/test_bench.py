@@ -19,6 +19,7 @@ from zoodip.bench import (
     ratio,
     run_time,
     weight_bytes,
+    worker_failure,
 )
 from zoodip.errors import ZoodipError
 from zoodip.quantize import quantize_weights
@@ -92,6 +93,13 @@ def test_weight_bytes_count_quantized_storage():
     int4 = torch.nn.Sequential(torch.nn.Linear(256, 512))
     quantize_weights(int4, "int4")
     assert weight_bytes(int4) < weight_bytes(int8)
+
+
+def test_a_killed_worker_is_named_by_its_signal():
+    assert worker_failure(-9, "W1121 a warning\n") == "worker killed by SIGKILL (out of memory?)"
+    assert worker_failure(-15, "") == "worker killed by SIGTERM"
+    assert worker_failure(1, "Traceback\nImportError: no module\n") == "worker exited with 1: ImportError: no module"
+    assert worker_failure(3, "") == "worker exited with 3: no output"
 
 
 def test_unknown_method_is_rejected():

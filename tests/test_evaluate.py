@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from tests.conftest import compose_train
+from tests.conftest import compose_train, same_weights
 from zoodip.errors import ZoodipError
-from zoodip.evaluate import Validator, evaluate_run, main, preflight, prepare_config
+from zoodip.evaluate import Validator, evaluate_run, load_vae, main, preflight, prepare_config
 from zoodip.models import load_components
 from zoodip.objective import TextConditioner
 from zoodip.prompts import eval_prompts
@@ -167,3 +167,11 @@ def test_training_with_eval_enabled_and_validation(tmp_path, tiny_dir, subject_d
     summary = subprocess.run([*wandb_cli, "--summary", str(offline)], capture_output=True, text=True, check=True)
     logged = json.loads(summary.stdout)["summary"]
     assert "val/clip_i" in logged and "eval/clip_i" in logged  # validation every step, evaluation at the end
+
+
+def test_validation_vae_is_the_training_vae():
+    """Validation during training rebuilds the released VAE of a random model: the same seeded weights."""
+    cfg = OmegaConf.create({"model": {"init": "random", "arch": "tiny", "seed": 3, "path": None},
+                            "quantization": {"weights": "int8"}})  # fmt: skip
+    parts = load_components("tiny", "random", None, torch.float32, torch.device("cpu"), "int8", seed=3)
+    assert same_weights(load_vae(cfg, torch.device("cpu"), torch.float32), parts.vae)

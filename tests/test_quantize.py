@@ -7,9 +7,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from tests.conftest import same_weights
 from zoodip import CONF_DIR
 from zoodip.errors import ZoodipError
-from zoodip.models import _safetensors_shards, build_quantized_unet, set_cpu_memory
+from zoodip.models import _safetensors_shards, build_unet, load_components, set_cpu_memory
 from zoodip.quantize import count_quantized, quantize_weights, use_fast_cpu_int8
 
 
@@ -118,7 +119,7 @@ def test_quantized_unet_streams_from_safetensors_like_from_pretrained(tiny_pipel
     folder = tiny_pipeline_dir / "unet"
     reference = UNet2DConditionModel.from_pretrained(folder)
     quantize_weights(reference, "int8")
-    streamed = build_quantized_unet(UNet2DConditionModel.load_config(folder), torch.float32, "int8",
+    streamed = build_unet(UNet2DConditionModel.load_config(folder), torch.float32, "int8",
                                     weights=_safetensors_shards(folder))  # fmt: skip
     ref_state, state = reference.state_dict(), streamed.state_dict()
     assert list(state) == list(ref_state)
@@ -133,16 +134,16 @@ def test_quantized_unet_rejects_weights_of_another_architecture(tiny_pipeline_di
     weights.pop(next(iter(weights)))
     config = UNet2DConditionModel.load_config(folder)
     with pytest.raises(ZoodipError, match="do not match its config"):
-        build_quantized_unet(config, torch.float32, "int8", weights=weights)
+        build_unet(config, torch.float32, "int8", weights=weights)
 
 
 def test_random_quantized_unet_has_default_init_statistics():
     """Seeded, block by block: reset_parameters draws the same distribution as an eager from_config build."""
     config = UNet2DConditionModel.load_config(CONF_DIR / "arch/tiny/unet")
     torch.manual_seed(5)
-    a = build_quantized_unet(config, torch.float32, "int8")
+    a = build_unet(config, torch.float32, "int8")
     torch.manual_seed(5)
-    b = build_quantized_unet(config, torch.float32, "int8")
+    b = build_unet(config, torch.float32, "int8")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     eager = tiny_unet()
     big = "down_blocks.0.resnets.0.conv1.weight"  # 3x3 conv: kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
@@ -176,3 +177,16 @@ def test_lean_cpu_heap_returns_large_blocks_at_once():
     assert grown["lean"] < 4 and grown["fast"] >= 16, grown  # lean unmapped the 20 MiB on free; fast kept it
     with pytest.raises(ZoodipError, match="cpu_memory must be one of"):
         set_cpu_memory("small")
+
+
+def test_random_model_is_one_model_whatever_the_quantization(tiny_pipeline_dir):
+    """model=tiny unquantized, INT8, and loaded back from its zoodip-make-tiny folder: the same weights, so an
+    INT8-vs-float comparison on the tiny model compares one model (the UNet is built block-wise for all)."""
+    cpu = torch.device("cpu")
+    none = load_components("tiny", "random", None, torch.float32, cpu, "none")
+    int8 = load_components("tiny", "random", None, torch.float32, cpu, "int8")
+    quantize_weights(none.unet, "int8")
+    assert same_weights(none.unet, int8.unet)
+    folder = load_components("tiny", "pretrained", str(tiny_pipeline_dir), torch.float32, cpu, "int8")
+    assert same_weights(folder.unet, int8.unet) and same_weights(folder.vae, int8.vae)
+    assert same_weights(folder.text_encoders[0], int8.text_encoders[0])

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -217,8 +218,17 @@ def run_method(method: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
             return failed(method, f"timed out after {timeout_s:.0f} s")
         with contextlib.suppress(OSError, ValueError):
             return json.loads(out_path.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return failed(method, f"worker exited with {proc.returncode} (killed for memory?): {tail[0]}")
+        return failed(method, worker_failure(proc.returncode, proc.stderr or proc.stdout))
+
+
+def worker_failure(returncode: int, output: str) -> str:
+    """Why a worker left no result: the signal that killed it (SIGKILL: most likely the kernel's OOM killer,
+    whose victim prints nothing), else its exit status and last line of output."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return f"worker killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    tail = output.strip().splitlines()[-1:] or ["no output"]
+    return f"worker exited with {returncode}: {tail[0]}"
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -52,9 +52,9 @@ from zoodip.errors import ZoodipError, cli_errors
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
     Components,
-    _random_parts,
     arch_dir,
     load_components,
+    random_vae,
     resolve_device,
     resolve_dtype,
     resolve_pretrained,
@@ -486,9 +486,9 @@ def load_vae(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Autoe
     m, sdxl = cfg.model, is_sdxl(cfg)
     if m.init == "pretrained":
         vae = AutoencoderKL.from_pretrained(resolve_pretrained(m.path, sdxl) / "vae", torch_dtype=dtype)
-    else:  # the same seeded weights as load_components; the text encoders built on the way are dropped
+    else:  # the same seeded weights as load_components
         with torch.random.fork_rng(devices=[]):
-            vae = next(mod for name, mod in _random_parts(arch_dir(m.arch), sdxl, dtype, int(m.seed)) if name == "vae")
+            vae = random_vae(arch_dir(m.arch), dtype, int(m.seed))
     vae.requires_grad_(False).eval()
     quantize_weights(vae, cfg.quantization.weights)
     return vae.to(device)

@@ -172,8 +172,8 @@ def _pretrained_parts(folder: Path, sdxl: bool, dtype: torch.dtype, quantization
     weights = _safetensors_shards(folder / "unet") if quantization != "none" else None
     if weights:
         try:
-            yield "unet", build_quantized_unet(UNet2DConditionModel.load_config(folder / "unet"), dtype,
-                                               quantization, weights=weights)  # fmt: skip
+            yield "unet", build_unet(UNet2DConditionModel.load_config(folder / "unet"), dtype,
+                                     quantization, weights=weights)  # fmt: skip
             return
         except ZoodipError as err:  # e.g. an old checkpoint whose names from_pretrained still converts
             log.warning("%s; loading the full-precision UNet first instead", err)
@@ -203,14 +203,15 @@ def _random_parts(arch_dir: Path, sdxl: bool, dtype: torch.dtype, seed: int, qua
         cls = TEXT_ENCODER_CLASSES[config.get("architectures", ["CLIPTextModel"])[0]]
         torch.manual_seed(seed + offset)
         yield name, _cast(cls(CLIPTextConfig.from_dict(config)), dtype)
-    torch.manual_seed(seed + 10)
-    yield "vae", _cast(AutoencoderKL.from_config(AutoencoderKL.load_config(arch_dir / "vae")), dtype)
+    yield "vae", random_vae(arch_dir, dtype, seed)
     torch.manual_seed(seed + 20)
-    config = UNet2DConditionModel.load_config(arch_dir / "unet")
-    if quantization != "none":
-        yield "unet", build_quantized_unet(config, dtype, quantization)
-    else:
-        yield "unet", _cast(UNet2DConditionModel.from_config(config), dtype)
+    yield "unet", build_unet(UNet2DConditionModel.load_config(arch_dir / "unet"), dtype, quantization)
+
+
+def random_vae(arch_dir: Path, dtype: torch.dtype, seed: int) -> AutoencoderKL:
+    """The VAE of `_random_parts`, alone (validation during training reloads it after training released it)."""
+    torch.manual_seed(seed + 10)
+    return _cast(AutoencoderKL.from_config(AutoencoderKL.load_config(arch_dir / "vae")), dtype)
 
 
 #: Largest block (in parameters) materialized in full precision at once while building a quantized UNet.
@@ -231,15 +232,18 @@ def _blocks(module: torch.nn.Module, prefix: str = ""):
         yield from _blocks(child, f"{prefix}.{name}" if prefix else name)
 
 
-def build_quantized_unet(
+def build_unet(
     config: dict, dtype: torch.dtype, quantization: str, weights: dict[str, Path] | None = None
 ) -> UNet2DConditionModel:
     """The UNet built on the meta device, then materialized, cast and quantized one block at a time, so no
-    full-precision copy of it exists at any moment (zoodip-bench, SD1.5: load peak 4.75 -> 1.97 GB).
+    full-precision copy of it exists at any moment (zoodip-bench, SD1.5 INT8: load peak 4.75 -> 1.97 GB;
+    with quantization "none" no fp32 copy of a half-precision UNet either).
 
     With `weights` ({tensor name: safetensors file}), each block's tensors are read from the files; without,
     each layer gets PyTorch's default initialization (`reset_parameters`) from the global seeded generator,
-    the same distribution as an eager `from_config` build (not the same values: the order differs).
+    the same distribution as an eager `from_config` build (not the same values: the order differs). A random
+    UNet's float values are the same whatever `quantization` and `dtype`: INT8 and unquantized runs compare
+    one model.
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
