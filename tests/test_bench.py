@@ -133,3 +133,16 @@ def test_bad_heap_mode_is_a_usage_error(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "bench.cpu_memory must be lean or fast" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()
+
+
+def test_kernel_tables_print(monkeypatch, capsys):
+    """`python -m zoodip.bench_kernels` on one small shape: both tables, one row per batch size and shape."""
+    from zoodip import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "SHAPES", [(77, 256, 512)])
+    bench_kernels.main(["--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[:3] for c in cells] == [["batch", "tokens", "in"], ["1", "77", "256"], ["3", "77", "256"],
+                                      ["tokens", "in", "out"], ["77", "256", "512"]]  # fmt: skip
+    assert all(float(c) > 0 for c in cells[-1][3:6]) and cells[-1][6].endswith("x")

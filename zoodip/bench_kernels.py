@@ -3,6 +3,8 @@
 Prints one table: milliseconds per call (median of --repeats) for quanto's bf16 path
 (torch._weight_int8pack_mm), zoodip's dequantize-into-a-buffer + bf16 GEMM (`use_fast_cpu_int8`), and an
 unquantized bf16 GEMM, at batch 1 and 3 (RGE n=2 batched). The evidence behind INT8PACK_MAX_ROWS.
+Then a second table at batch 1: quanto's INT4 kernel (torch._weight_int4pack_mm on its packed layout),
+quanto's dequantization of that layout, and the bf16 GEMM: why INT4 keeps quanto's kernel.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def main(argv: list[str] | None = None) -> None:
                 deq = median_ms(args.repeats, dequantized_linear, int8, x)
                 gemm = median_ms(args.repeats, bf16, x)
                 print(f"| {batch} | {tokens} | {k} | {n} | {pack:.1f} | {deq:.1f} | {gemm:.1f} | {pack / deq:.2f}x |")
+    print("\n| tokens | in | out | int4pack_mm ms | INT4 dequantize ms | bf16 GEMM ms | int4pack / bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    with torch.no_grad():  # INT4 cannot run under inference_mode (zoodip.quantize.forward_mode)
+        for tokens, k, n in SHAPES:
+            int4 = torch.nn.Sequential(torch.nn.Linear(k, n)).bfloat16()
+            quantize_weights(int4, "int4")
+            x = torch.randn(tokens, k, dtype=torch.bfloat16)
+            pack = median_ms(args.repeats, int4, x)
+            deq = median_ms(args.repeats, int4[0].weight.dequantize)
+            gemm = median_ms(args.repeats, layers[k, n][1], x)
+            print(f"| {tokens} | {k} | {n} | {pack:.1f} | {deq:.1f} | {gemm:.1f} | {pack / gemm:.2f}x |")
 
 
 if __name__ == "__main__":
