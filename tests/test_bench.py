@@ -128,10 +128,17 @@ def test_cuda_figures_drive_the_memory_column():
     assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))
 
 
-def test_bad_heap_mode_is_a_usage_error(tmp_path):
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", "bench.cpu_memory=small", f"hydra.run.dir={tmp_path}"]
+BAD_SETTINGS = [("bench.cpu_memory=small", "bench.cpu_memory must be lean or fast"),
+                ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'")]  # fmt: skip
+if not torch.cuda.is_available():  # checked before any worker starts, not reported as N failed methods
+    BAD_SETTINGS.append(("bench.device=cuda", "bench.device=cuda but no CUDA device is available"))
+
+
+@pytest.mark.parametrize(("setting", "message"), BAD_SETTINGS)
+def test_bad_settings_are_usage_errors(tmp_path, setting, message):
+    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", setting, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2 and "bench.cpu_memory must be lean or fast" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()
 
 

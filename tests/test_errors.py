@@ -78,8 +78,9 @@ def test_missing_weights_offline(tmp_path, monkeypatch):
 
 
 def test_device_and_dtype_errors(tmp_path):
+    rejects(tmp_path, "data=planted", "train.device=tpu", match=r"train.device must be auto, cpu or cuda\[:N\]")
     if not __import__("torch").cuda.is_available():
-        rejects(tmp_path, "data=planted", "train.device=cuda", match="no CUDA device")
+        rejects(tmp_path, "data=planted", "train.device=cuda", match="train.device=cuda but no CUDA device")
         rejects(tmp_path, "data=planted", "model.dtype=fp16", match="fp16 cannot run on the CPU")
 
 

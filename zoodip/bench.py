@@ -116,7 +116,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     from zoodip.quantize import forward_mode, quantized_fraction
 
     weights, act, kind, n, batched, fast = METHODS[method]
-    device = resolve_device(spec["device"])
+    device = resolve_device(spec["device"], "bench.device")
     cuda = device.type == "cuda"
     note = None
     if act == "half":
@@ -301,7 +301,9 @@ def hydra_main(cfg: DictConfig) -> None:
     b = cfg.bench
     try:
         check_methods(list(b.methods))
-        from zoodip.models import CPU_MEMORY_MODES
+        from zoodip.models import CPU_MEMORY_MODES, resolve_device
+
+        resolve_device(b.device, "bench.device")
 
         if b.cpu_memory not in CPU_MEMORY_MODES:
             raise ZoodipError(f"bench.cpu_memory must be {' or '.join(CPU_MEMORY_MODES)}, got {b.cpu_memory!r}")

@@ -100,14 +100,22 @@ def set_cpu_memory(mode: str) -> bool:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` (CUDA when available), `cpu` or `cuda[:N]`; `key` names the setting in errors. Creates no CUDA
+    context (is_available only counts devices), so zoodip-bench's parent may check its workers' device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ZoodipError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ZoodipError(f"train.device must be auto, cpu or cuda[:N], got {name!r}")
-    return torch.device(name)
+        raise ZoodipError(f"{key} must be auto, cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ZoodipError(f"{key}={name} but no CUDA device is available; use {key}=cpu or auto")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ZoodipError(f"{key} must be auto, cpu or cuda[:N], got {name!r}") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ZoodipError(f"{key}={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
