@@ -222,7 +222,7 @@ def random_vae(arch_dir: Path, dtype: torch.dtype, seed: int) -> AutoencoderKL:
     return _cast(AutoencoderKL.from_config(AutoencoderKL.load_config(arch_dir / "vae")), dtype)
 
 
-#: Largest block (in parameters) materialized in full precision at once while building a quantized UNet.
+#: Largest block (in parameters) materialized in fp32 at once while building the UNet (`build_unet`).
 BLOCK_PARAMS = 50_000_000
 
 
@@ -249,9 +249,9 @@ def build_unet(
 
     With `weights` ({tensor name: safetensors file}), each block's tensors are read from the files; without,
     each layer gets PyTorch's default initialization (`reset_parameters`) from the global seeded generator,
-    the same distribution as an eager `from_config` build (not the same values: the order differs). A random
-    UNet's float values are the same whatever `quantization` and `dtype`: INT8 and unquantized runs compare
-    one model.
+    the same distribution as an eager `from_config` build (not the same values: the order differs). The random
+    draw does not depend on `quantization` or `dtype`, so INT8 and unquantized runs of one seed compare one
+    model.
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
