@@ -128,7 +128,7 @@ def test_cuda_figures_drive_the_memory_column():
     assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))
 
 
-BAD_SETTINGS = [("bench.cpu_memory=small", "bench.cpu_memory must be lean or fast"),
+BAD_SETTINGS = [("bench.cpu_memory=small", "bench.cpu_memory must be one of lean, fast"),
                 ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'")]  # fmt: skip
 if not torch.cuda.is_available():  # checked before any worker starts, not reported as N failed methods
     BAD_SETTINGS.append(("bench.device=cuda", "bench.device=cuda but no CUDA device is available"))

@@ -124,7 +124,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         note = None if cuda else "bf16 activations: fp16 has no fast CPU kernels"
     dtype = resolve_dtype(act, device)
     if not cuda:
-        set_cpu_memory(spec["cpu_memory"])
+        set_cpu_memory(spec["cpu_memory"], "bench.cpu_memory")
     baseline = rss_high_water()  # the interpreter, torch and the libraries: before any weight exists
     parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"], fast_cpu_int8=fast)
     text = TextConditioner(parts, "<bench>", "dog", 1)
@@ -301,12 +301,10 @@ def hydra_main(cfg: DictConfig) -> None:
     b = cfg.bench
     try:
         check_methods(list(b.methods))
-        from zoodip.models import CPU_MEMORY_MODES, resolve_device
+        from zoodip.models import check_cpu_memory, resolve_device
 
         resolve_device(b.device, "bench.device")
-
-        if b.cpu_memory not in CPU_MEMORY_MODES:
-            raise ZoodipError(f"bench.cpu_memory must be {' or '.join(CPU_MEMORY_MODES)}, got {b.cpu_memory!r}")
+        check_cpu_memory(b.cpu_memory, "bench.cpu_memory")
     except ZoodipError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

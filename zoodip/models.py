@@ -80,7 +80,13 @@ _M_MMAP_THRESHOLD = -3
 CPU_MEMORY_MODES = ("lean", "fast")
 
 
-def set_cpu_memory(mode: str) -> bool:
+def check_cpu_memory(mode: str, key: str = "train.cpu_memory") -> None:
+    """`mode` is one of CPU_MEMORY_MODES, else one sentence naming the setting `key`."""
+    if mode not in CPU_MEMORY_MODES:
+        raise ZoodipError(f"{key} must be one of {', '.join(CPU_MEMORY_MODES)}, got {mode!r}")
+
+
+def set_cpu_memory(mode: str, key: str = "train.cpu_memory") -> bool:
     """How this process's heap trades memory for speed (glibc only; returns whether it applied).
 
     `lean` serves every allocation of 1 MiB or more with its own mapping, handed back to the OS on free.
@@ -90,8 +96,7 @@ def set_cpu_memory(mode: str) -> bool:
     (BENCHMARKS.md). glibc cannot go back to its adaptive threshold, so `fast` leaves a process already
     set to lean as it is.
     """
-    if mode not in CPU_MEMORY_MODES:
-        raise ZoodipError(f"cpu_memory must be one of {', '.join(CPU_MEMORY_MODES)}; got {mode!r}")
+    check_cpu_memory(mode, key)
     if mode == "fast":
         return False
     try:
