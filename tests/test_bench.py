@@ -29,7 +29,7 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     methods = ["zoodip", CRASH_METHOD, *list(METHODS)[1:]]  # the crash comes first: later methods still run
     cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", f"bench.methods=[{','.join(methods)}]",
            "bench.steps=2", "bench.warmup=1", "bench.resolution=32", f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)  # zoodip_compile: ~1 min
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report["machine"]) >= {"cpu", "cores", "gpu", "torch", "cuda"} and report["machine"]["cores"] >= 1
@@ -45,8 +45,10 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
         assert r["iters_per_second"] == pytest.approx(1 / r["seconds_per_iter"])
         assert set(r["weight_bytes"]) == {"text_encoder", "unet"} and min(r["weight_bytes"].values()) > 0
     fwd = {name: results[name]["forward_passes_per_iter"] for name in METHODS}
-    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_quanto": 3, "zoodip_fp32": 3,
-                   "zoodip_int4": 3, "zoodip_fp16": 3, "ti": 1, "dreambooth": 1}  # fmt: skip
+    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_compile": 3, "zoodip_quanto": 3,
+                   "zoodip_fp32": 3, "zoodip_int4": 3, "zoodip_fp16": 3, "ti": 1, "dreambooth": 1}  # fmt: skip
+    assert all(r["warmup_seconds"] > 0 for r in results.values() if r["status"] == "completed")
+    assert results["zoodip_compile"]["compile"] == "default" and results["zoodip"]["compile"] is None
     assert all(0 < results[name]["baseline_bytes"] <= results[name]["peak_load_bytes"] for name in METHODS)
     assert results["zoodip_quanto"]["weight_bytes"] == results["zoodip"]["weight_bytes"]
     assert results["zoodip_fp32"]["dtype"] == "float32" and results["zoodip"]["dtype"] == "bfloat16"
@@ -57,6 +59,7 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert f"| {CRASH_METHOD} | failed" in table and "| dreambooth | completed" in table
     assert table.count("fp16 has no fast CPU kernels") == 1 and "zoodip, zoodip_n1, zoodip_batched" in table
+    assert "\\* zoodip_compile: torch.compile mode default, compiled during the" in table
     assert table.strip() in proc.stdout
 
 
@@ -129,7 +132,8 @@ def test_cuda_figures_drive_the_memory_column():
 
 
 BAD_SETTINGS = [("bench.cpu_memory=small", "bench.cpu_memory must be one of lean, fast"),
-                ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'")]  # fmt: skip
+                ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'"),
+                ("bench.steps=0", "bench.steps must be >= 1"), ("bench.warmup=-1", "bench.warmup >= 0")]  # fmt: skip
 if not torch.cuda.is_available():  # checked before any worker starts, not reported as N failed methods
     BAD_SETTINGS.append(("bench.device=cuda", "bench.device=cuda but no CUDA device is available"))
 

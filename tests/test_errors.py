@@ -32,10 +32,15 @@ def rejects(tmp_path, *overrides: str, match: str) -> None:
         ("estimator.mu=0", "estimator.mu"),
         ("estimator.mu=-0.1", "estimator.mu"),
         ("train.cpu_memory=tiny", "train.cpu_memory must be one of lean, fast"),
+        ("train.compile=fastest", "train.compile must be false or one of default, reduce-overhead"),
     ],
 )
 def test_invalid_hyperparameters(tmp_path, override, match):
     rejects(tmp_path, "data=planted", override, match=match)
+
+
+def test_int4_weights_do_not_compile(tmp_path):
+    rejects(tmp_path, "data=planted", "quantization=int4", "train.compile=default", match="quanto's INT4 layers")
 
 
 def test_t_high_beyond_the_schedule(tmp_path):

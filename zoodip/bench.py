@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import torch
@@ -30,25 +30,37 @@ from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.io import atomic_write_text, write_json
 from zoodip.models import peak_rss_bytes
 
-# method -> (weights, activations, how the token's gradient is obtained, n, batched, fast CPU INT8 kernels).
-# "half" activations: fp16 on CUDA (the paper's setting), bf16 on CPU (fp16 has no fast CPU kernels).
-METHODS: dict[str, tuple[str, str, str, int, bool, bool]] = {
-    "zoodip": ("int8", "half", "rge", 2, False, True),
-    "zoodip_n1": ("int8", "half", "rge", 1, False, True),
-    "zoodip_batched": ("int8", "half", "rge", 2, True, True),
-    "zoodip_quanto": ("int8", "half", "rge", 2, False, False),  # quanto's own CPU kernels, for comparison
-    "zoodip_fp32": ("int8", "fp32", "rge", 2, False, True),  # training's CPU default activations
-    "zoodip_int4": ("int4", "bf16", "rge", 2, False, True),
-    "zoodip_fp16": ("none", "half", "rge", 2, False, True),  # unquantized, forward-only
-    "ti": ("none", "fp32", "backprop", 1, False, True),
-    "dreambooth": ("none", "fp32", "dreambooth", 1, False, True),
+
+class Method(NamedTuple):
+    """How a bench method loads the model and obtains the token's gradient."""
+
+    weights: str  # int8 | int4 | none
+    activations: str  # half: fp16 on CUDA (the paper's setting), bf16 on CPU (fp16 has no fast CPU kernels)
+    gradient: str  # rge (ZOODiP) | backprop (first-order TI) | dreambooth (AdamW on the UNet)
+    n: int = 2  # RGE perturbations per step
+    batched: bool = False  # the n+1 evaluations as one batched forward
+    fast_cpu_int8: bool = True  # zoodip's CPU INT8 kernels (False: quanto's own)
+    compile: str | None = None  # torch.compile mode; "auto": reduce-overhead (CUDA graphs) on CUDA, default on CPU
+
+
+METHODS: dict[str, Method] = {
+    "zoodip": Method("int8", "half", "rge"),
+    "zoodip_n1": Method("int8", "half", "rge", n=1),
+    "zoodip_batched": Method("int8", "half", "rge", batched=True),
+    "zoodip_compile": Method("int8", "half", "rge", fast_cpu_int8=False, compile="auto"),  # as train.compile
+    "zoodip_quanto": Method("int8", "half", "rge", fast_cpu_int8=False),  # quanto's CPU kernels, for comparison
+    "zoodip_fp32": Method("int8", "fp32", "rge"),  # training's CPU default activations
+    "zoodip_int4": Method("int4", "bf16", "rge"),
+    "zoodip_fp16": Method("none", "half", "rge"),  # unquantized, forward-only
+    "ti": Method("none", "fp32", "backprop", n=1),
+    "dreambooth": Method("none", "fp32", "dreambooth", n=1),
 }
 
 
 #: Every result carries these keys (None where a failed method never measured them).
 FIELDS = ("method", "status", "error", "peak_load_bytes", "peak_train_bytes", "seconds_per_iter", "iters_per_second",
-          "forward_passes_per_iter", "weight_bytes", "quantized_fraction", "weights", "dtype", "note",
-          "baseline_bytes")  # fmt: skip
+          "forward_passes_per_iter", "warmup_seconds", "weight_bytes", "quantized_fraction", "weights", "dtype",
+          "compile", "note", "baseline_bytes")  # fmt: skip
 #: Test-only method that crashes inside the worker after it started (checks that a failure is contained).
 CRASH_METHOD = "crash_for_test"
 
@@ -115,13 +127,15 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     from zoodip.objective import Objective, TextConditioner
     from zoodip.quantize import forward_mode, quantized_fraction
 
-    weights, act, kind, n, batched, fast = METHODS[method]
+    weights, act, kind, n, batched, fast, compile_mode = METHODS[method]
     device = resolve_device(spec["device"], "bench.device")
     cuda = device.type == "cuda"
     note = None
     if act == "half":
         act = "fp16" if cuda else "bf16"
         note = None if cuda else "bf16 activations: fp16 has no fast CPU kernels"
+    if compile_mode == "auto":
+        compile_mode = "reduce-overhead" if cuda else "default"
     dtype = resolve_dtype(act, device)
     if not cuda:
         set_cpu_memory(spec["cpu_memory"], "bench.cpu_memory")
@@ -137,6 +151,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         "weight_bytes": {name: weight_bytes(m) for name, m in components.items()},
         "quantized_fraction": quantized_fraction(list(components.values())),
         "dtype": str(dtype).removeprefix("torch."), "weights": weights, "note": note, "baseline_bytes": baseline,
+        "compile": compile_mode,
     }  # fmt: skip
     if cuda:
         torch.cuda.synchronize(device)
@@ -145,7 +160,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     result["peak_load_bytes"] = rss_high_water()
     result["rss_reset"] = reset_rss_high_water()
 
-    objective = Objective(parts, text, batched=batched, max_batch=8)
+    objective = Objective(parts, text, batched=batched, max_batch=8, compile_mode=compile_mode)
     theta = torch.nn.Parameter(text.initial_theta())
     if kind == "dreambooth":
         parts.unet.requires_grad_(True).train()
@@ -178,11 +193,15 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         step(i + 1)
         if cuda:
             torch.cuda.synchronize(device)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-            result["forward_passes_per_iter"] = objective.forward_passes - passes_before
-    seconds = statistics.median(times)
-    result.update(seconds_per_iter=seconds, iters_per_second=1.0 / seconds, peak_train_bytes=rss_high_water())
+        times.append(time.perf_counter() - start)
+        result["forward_passes_per_iter"] = objective.forward_passes - passes_before
+    warmup, timed = times[: spec["warmup"]], times[spec["warmup"] :]
+    seconds = statistics.median(timed)
+    result.update(seconds_per_iter=seconds, iters_per_second=1.0 / seconds, warmup_seconds=sum(warmup),
+                  peak_train_bytes=rss_high_water())  # fmt: skip
+    if compile_mode:
+        compiled = f"torch.compile mode {compile_mode}, compiled during the {sum(warmup):.0f} s of warm-up"
+        result["note"] = f"{note}; {compiled}" if note else compiled
     if cuda:
         result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -290,8 +309,8 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, res
         )
     notes: dict[str, list[str]] = {}
     for r in results:
-        if r.get("note"):
-            notes.setdefault(r["note"], []).append(r["method"])
+        for note in r["note"].split("; ") if r.get("note") else []:
+            notes.setdefault(note, []).append(r["method"])
     lines += [f"\n\\* {', '.join(methods)}: {note}" for note, methods in notes.items()]
     return "\n".join(lines) + "\n"
 
@@ -305,6 +324,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
         resolve_device(b.device, "bench.device")
         check_cpu_memory(b.cpu_memory, "bench.cpu_memory")
+        if not (isinstance(b.steps, int) and b.steps >= 1 and isinstance(b.warmup, int) and b.warmup >= 0):
+            raise ZoodipError(f"bench.steps must be >= 1 and bench.warmup >= 0, got {b.steps!r} and {b.warmup!r}")
     except ZoodipError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

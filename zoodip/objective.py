@@ -7,11 +7,27 @@ id appears, one theta per batch element, so several perturbed tokens run in one 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from zoodip.errors import ZoodipError
 from zoodip.models import Components
+
+#: torch.compile modes for the training forwards (`train.compile`); on a GPU, reduce-overhead and
+#: max-autotune also capture CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(mode: str | bool | None, quantization: str, key: str = "train.compile") -> None:
+    """`mode` is off (false/null) or a torch.compile mode, and the weights can be compiled."""
+    if mode is None or mode is False:
+        return
+    if mode not in COMPILE_MODES:
+        raise ZoodipError(f"{key} must be false or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if quantization == "int4":  # quanto's INT4 layers report the wrong dtype to dynamo's fake tensors
+        raise ZoodipError(f"{key}={mode} needs INT8 or unquantized weights: quanto's INT4 layers do not compile")
 
 
 class PlaceholderEmbedding(torch.nn.Module):
@@ -138,10 +154,26 @@ class Objective:
     """L_LDM at one training step's shared sample (common random numbers): every call to `losses` sees the
     same latent z, noise, timestep and prompt, so differences between losses come from theta alone."""
 
-    def __init__(self, parts: Components, text: TextConditioner, batched: bool = False, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        parts: Components,
+        text: TextConditioner,
+        batched: bool = False,
+        max_batch: int = 8,
+        compile_mode: str | None = None,
+    ) -> None:
         self.parts, self.text = parts, text
         self.batched, self.max_batch = batched, max(1, int(max_batch))
         self.forward_passes = 0
+        # Only these forwards are compiled (`train.compile`); validation samples with the eager UNet.
+        self.compiled = bool(compile_mode)
+        self.unet = parts.unet
+        if compile_mode:
+            # Harmless for this UNet, printed at every compile: diffusers' lru_cached version check, and
+            # quanto's weight tensors lacking a hash for AOT autograd's cache.
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+            warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")
+            self.unet = torch.compile(parts.unet, mode=compile_mode)
 
     def set_sample(
         self, z0: torch.Tensor, noise: torch.Tensor, t: int, prompt: str, target: torch.Tensor | None = None
@@ -170,7 +202,9 @@ class Objective:
             time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.parts.device, dtype=cond.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.expand(m, -1)}
         self.forward_passes += m
-        return self.parts.unet(self.z_t.expand(m, -1, -1, -1), self.t.expand(m), cond, **kwargs).sample
+        pred = self.unet(self.z_t.expand(m, -1, -1, -1), self.t.expand(m), cond, **kwargs).sample
+        # A CUDA graph (train.compile=reduce-overhead) overwrites its output at the next replay: hand out a copy.
+        return pred.clone() if self.compiled else pred
 
     def losses(self, thetas: torch.Tensor) -> torch.Tensor:
         """||eps - eps_phi(z_t, t, c(theta_i))||^2 (mean over elements) for each row of `thetas` (m, D)."""

@@ -40,7 +40,7 @@ from zoodip.models import (
     resolve_dtype,
     set_cpu_memory,
 )
-from zoodip.objective import Objective, TextConditioner
+from zoodip.objective import Objective, TextConditioner, check_compile
 from zoodip.planted import PlantedTask
 from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction
 from zoodip.subspace import SubspaceGradient
@@ -82,6 +82,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ZoodipError(message)
     check_cpu_memory(cfg.train.cpu_memory)
+    check_compile(cfg.train.compile, cfg.quantization.weights)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -148,9 +149,10 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
 
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
-    parts = load_components(
-        cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant, seed=int(cfg.model.seed)
-    )
+    # Compiled, zoodip's CPU INT8 layers held a dequantized copy of every weight (SD1.5 training peak 5.74 GB);
+    # quanto's own kernels compile without one (2.07 GB, BENCHMARKS.md). On CUDA they run either way.
+    parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
+                            seed=int(cfg.model.seed), fast_cpu_int8=not cfg.train.compile)  # fmt: skip
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
         raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
@@ -186,7 +188,11 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     parts.release_vae()  # reference latents are encoded: training holds no VAE
 
     validator = Validator(cfg, parts, text) if int(cfg.eval.every) > 0 else None
-    objective = Objective(parts, text, bool(cfg.estimator.batched), int(cfg.estimator.max_batch))
+    if cfg.train.compile and device.type == "cpu":
+        log.warning("train.compile=%s on the CPU: measured slower than eager there (BENCHMARKS.md)", cfg.train.compile)
+    objective = Objective(
+        parts, text, bool(cfg.estimator.batched), int(cfg.estimator.max_batch), cfg.train.compile or None
+    )
     theta = torch.nn.Parameter(theta0.clone())
     optimizer = make_optimizer(cfg, theta)
     sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
@@ -237,8 +243,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         noise = torch.randn(z0.shape, generator=generator)
         with zo_context():
             objective.set_sample(z0, noise, t, prompt)
-            if planted is not None:
-                with forward_mode(quant):
+            if planted is not None:  # a constant: no_grad, not inference_mode, since backprop's loss saves it
+                with torch.no_grad():
                     planted.set_target(objective)
             est = estimate(est_name, objective.losses, theta.detach(), int(cfg.estimator.n), float(cfg.estimator.mu),
                            int(cfg.train.seed), step)  # fmt: skip
