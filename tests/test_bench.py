@@ -157,3 +157,13 @@ def test_kernel_tables_print(monkeypatch, capsys):
     assert [c[:3] for c in cells] == [["batch", "tokens", "in"], ["1", "77", "256"], ["3", "77", "256"],
                                       ["tokens", "in", "out"], ["77", "256", "512"]]  # fmt: skip
     assert all(float(c) > 0 for c in cells[-1][3:6]) and cells[-1][6].endswith("x")
+
+
+def test_default_methods_are_every_method():
+    from hydra import compose, initialize_config_dir
+
+    from zoodip import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="bench")
+    assert list(cfg.bench.methods) == list(METHODS)
