@@ -371,7 +371,8 @@ def evaluate_run(
     embeddings = read_embeddings(run_dir, cfg.data.placeholder_token, 2 if is_sdxl(cfg) else 1)
     ps = prompt_set(cfg)
     refs = reference_images(cfg.data.path) if cfg.data.kind == "dreambooth" else None
-    device = resolve_device(ev.get("device") or cfg.train.device, "eval.device" if ev.get("device") else "train.device")
+    key = "eval.device" if ev.get("device") else "train.device"  # eval.device unset: evaluate where training ran
+    device = resolve_device(ev.get("device") or cfg.train.device, key)
 
     clip, dino = make_clip(ev, device), DinoScorer(ev.dino.path, device)
     ref_clip = clip.embed_images(refs) if refs else None
