@@ -200,7 +200,8 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     result.update(seconds_per_iter=seconds, iters_per_second=1.0 / seconds, warmup_seconds=sum(warmup),
                   peak_train_bytes=rss_high_water())  # fmt: skip
     if compile_mode:
-        compiled = f"torch.compile mode {compile_mode}, compiled during the {sum(warmup):.0f} s of warm-up"
+        when = f"the {sum(warmup):.0f} s of warm-up" if warmup else "the first timed iteration"
+        compiled = f"torch.compile mode {compile_mode}, compiled during {when}"
         result["note"] = f"{note}; {compiled}" if note else compiled
     if cuda:
         result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -150,7 +150,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
 
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
     # Compiled, zoodip's CPU INT8 layers held a dequantized copy of every weight (SD1.5 training peak 5.74 GB);
-    # quanto's own kernels compile without one (2.07 GB, BENCHMARKS.md). On CUDA they run either way.
+    # quanto's own kernels compile without one (2.08 GB, BENCHMARKS.md). On CUDA they run either way.
     parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
                             seed=int(cfg.model.seed), fast_cpu_int8=not cfg.train.compile)  # fmt: skip
     num_t = parts.scheduler.config.num_train_timesteps
