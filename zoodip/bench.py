@@ -47,7 +47,7 @@ METHODS: dict[str, Method] = {
     "zoodip": Method("int8", "half", "rge"),
     "zoodip_n1": Method("int8", "half", "rge", n=1),
     "zoodip_batched": Method("int8", "half", "rge", batched=True),
-    "zoodip_compile": Method("int8", "half", "rge", fast_cpu_int8=False, compile="auto"),  # as train.compile
+    "zoodip_compile": Method("int8", "half", "rge", compile="auto"),  # as train.compile
     "zoodip_quanto": Method("int8", "half", "rge", fast_cpu_int8=False),  # quanto's CPU kernels, for comparison
     "zoodip_fp32": Method("int8", "fp32", "rge"),  # training's CPU default activations
     "zoodip_int4": Method("int4", "bf16", "rge"),

@@ -110,14 +110,15 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     context (is_available only counts devices), so zoodip-bench's parent may check its workers' device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    invalid = f"{key} must be auto, cpu or cuda[:N], got {name!r}"
     if name != "cpu" and not name.startswith("cuda"):
-        raise ZoodipError(f"{key} must be auto, cpu or cuda[:N], got {name!r}")
+        raise ZoodipError(invalid)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ZoodipError(f"{key}={name} but no CUDA device is available; use {key}=cpu or auto")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ZoodipError(f"{key} must be auto, cpu or cuda[:N], got {name!r}") from None
+        raise ZoodipError(invalid) from None
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ZoodipError(f"{key}={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

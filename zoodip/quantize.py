@@ -70,8 +70,15 @@ def _dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.mul(data, scale if scale.dtype == dtype else scale.to(dtype), out=out)
 
 
+def _keeps_quanto() -> bool:
+    """Where the shared buffer cannot serve, the layer runs quanto's own kernels: under autograd (backward
+    would keep the buffer) and under torch.compile (the compiled SD1.5 UNet then held a dequantized copy of
+    every weight, training peak 5.74 GB against 2.08 GB with quanto's kernels compiled; BENCHMARKS.md)."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
 def _int8_linear_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled():  # autograd would keep the shared buffer for backward: quanto's own path
+    if _keeps_quanto():
         return self._quanto_forward(x)
     rows = x.numel() // x.shape[-1]
     if x.dtype == torch.bfloat16 and rows < INT8PACK_MAX_ROWS:
@@ -80,7 +87,7 @@ def _int8_linear_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 
 def _int8_conv2d_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled():
+    if _keeps_quanto():
         return self._quanto_forward(x)
     return self._conv_forward(x, _dequantize_into_workspace(self.weight, x.dtype), self.bias)
 

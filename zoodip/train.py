@@ -149,10 +149,9 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
 
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
-    # Compiled, zoodip's CPU INT8 layers held a dequantized copy of every weight (SD1.5 training peak 5.74 GB);
-    # quanto's own kernels compile without one (2.08 GB, BENCHMARKS.md). On CUDA they run either way.
-    parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
-                            seed=int(cfg.model.seed), fast_cpu_int8=not cfg.train.compile)  # fmt: skip
+    parts = load_components(
+        cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant, seed=int(cfg.model.seed)
+    )
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
         raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
