@@ -32,8 +32,8 @@ format: $(STAMP) ## ruff format and autofix
 	$(VENV)/bin/ruff format zoodip tests
 	$(VENV)/bin/ruff check --fix zoodip tests
 
-demo: $(STAMP) ## Personalize the built-in tiny model end to end (offline, CPU, a few minutes)
-	$(VENV)/bin/zoodip-train experiments=demo
+demo: $(STAMP) ## Personalize a toy-world subject with ZOODiP, evaluate it, draw demo.png (offline, CPU, ~3 minutes)
+	$(VENV)/bin/zoodip-demo
 
 clean: ## Remove caches (keeps outputs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache

@@ -56,9 +56,12 @@ def test_every_experiment_composes(name):
     assert cfg.train.steps >= 1
 
 
-def test_experiment_demo_is_offline_and_tiny():
+def test_experiment_demo_is_offline_and_on_the_toy_world():
     cfg = compose_raw("experiments=demo")
-    assert cfg.model.arch == "tiny" and cfg.data.kind == "planted" and cfg.logger.mode == "offline"
+    assert cfg.model.arch == "toyworld" and cfg.eval.kind == "toyworld" and cfg.logger.mode == "offline"
+    assert cfg.estimator.name == "rge" and cfg.sg.enabled and cfg.puts.kind == "puts"  # the paper's ZOODiP
+    planted = compose_raw("experiments=planted")
+    assert planted.model.arch == "tiny" and planted.data.kind == "planted"
 
 
 def test_runs_land_under_outputs_from_any_directory(tmp_path, monkeypatch):

@@ -267,3 +267,26 @@ def test_wandb_offline_report_run(grid2x2: Path, monkeypatch: pytest.MonkeyPatch
     assert summary["summary"]["runs"]["_type"] == "table-file" and summary["summary"]["runs"]["nrows"] == 4
     assert summary["summary"]["heatmap"]["_type"] == "image-file"
     assert summary["config"]["metrics"] == ["clip_i"]
+
+
+def test_toy_metrics_with_sd_and_paired_tests(tmp_path: Path) -> None:
+    """A one-parameter toy-world sweep over 3 seeds: toy metrics chosen, mean ± sd per level, paired tests by hand."""
+    from scipy import stats
+
+    acc = {("rge", 0): 0.9, ("rge", 1): 0.8, ("rge", 2): 0.7, ("spsa", 0): 0.5, ("spsa", 1): 0.6, ("spsa", 2): 0.2}
+    for n, ((est, seed), a) in enumerate(acc.items()):
+        toy = {"subject_accuracy": a, "prompt_accuracy": 0.9, "image_similarity": 0.5, "diversity": 0.2}
+        make_job(tmp_path, str(n), {"estimator.name": est, "train.seed": seed}, {"final_loss": 0.1}, toy)
+    out = build_report(tmp_path, wandb_mode="disabled")
+    info = json.loads((out / "report.json").read_text())
+    assert info["metrics"] == ["subject_accuracy", "prompt_accuracy", "image_similarity"]
+    md = (out / "report.md").read_text()
+    rows = {r[0]: r for r in section(md, "subject_accuracy, prompt_accuracy, image_similarity (mean ± sd")[1:]}
+    assert rows["rge"][1] == "**0.800 ± 0.100** ★" and rows["spsa"][1] == "0.433 ± 0.208"
+    test = next(t for t in info["paired"] if t["metric"] == "subject_accuracy")
+    diff = [0.5 - 0.9, 0.6 - 0.8, 0.2 - 0.7]
+    assert (test["reference"], test["level"], test["pairs"]) == ("rge", "spsa", 3)
+    assert test["mean_difference"] == pytest.approx(sum(diff) / 3)
+    assert test["t_test_p"] == pytest.approx(stats.ttest_rel([0.5, 0.6, 0.2], [0.9, 0.8, 0.7]).pvalue)
+    assert test["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diff).pvalue)
+    assert "Paired comparisons" in md

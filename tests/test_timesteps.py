@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from zoodip.timesteps import TimestepSampler, puts, snr_weights, uniform
@@ -27,3 +28,15 @@ def test_snr_weights_rise_towards_noise():
     sampler = TimestepSampler("snr", 0, 1000, abar)
     draws = torch.tensor([sampler(g) for _ in range(4000)], dtype=torch.float32)
     assert draws.mean() > 550  # skewed to high-noise timesteps
+
+
+def test_snr_weights_are_textboosts_log_snr_gap():
+    """p(t) = (logSNR_max - logSNR(t)) / sum, by hand at three timesteps; mean t about 584 on SD's schedule."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    log_snr = [float(torch.log(a / (1 - a))) for a in abar]
+    total = sum(max(log_snr) - v for v in log_snr)
+    w = snr_weights(abar)
+    for t in (0, 500, 999):
+        assert float(w[t]) == pytest.approx((max(log_snr) - log_snr[t]) / total, rel=1e-9)
+    assert float((w * torch.arange(1000)).sum()) == pytest.approx(584.3, abs=0.5)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import compose_train
+from PIL import Image
 from safetensors.torch import load_file
 
 import zoodip.train as train_mod
@@ -91,7 +92,11 @@ def test_dreambooth_run_writes_every_output(tmp_path, subject_dir):
     assert list(history.step) == [1, 2, 3, 4, 5, 6]
     assert {"loss", "timestep", "grad_norm", "token_norm", "lr"} <= set(history.columns)
     assert history.timestep.between(500, 899).all()  # PUTS
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "last.json").is_file()
+    assert len(list((tmp_path / "checkpoints").glob("last-*.safetensors"))) == 1  # older tensor files removed
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # no pickle
+    with Image.open(tmp_path / "references.png") as sheet:  # the 3 images as trained on: 64 px squares, one row
+        assert sheet.size == (3 * 64, 64)
     assert metrics["final_loss"] == saved["final_loss"]
 
 

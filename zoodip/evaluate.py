@@ -42,12 +42,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from zoodip import CONF_DIR, ROOT
-from zoodip.data import IMAGE_SUFFIXES, subject_table
+from zoodip import CONF_DIR, ROOT, toyworld
+from zoodip.data import read_reference_images, subject_table
 from zoodip.errors import ZoodipError, cli_errors
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
@@ -189,20 +189,9 @@ def prompt_set(cfg: DictConfig) -> PromptSet:
 
 
 def reference_images(path: str | None) -> list[Image.Image]:
-    """Every readable image of the subject folder, as RGB PIL images at full size (the scorers resize them)."""
-    folder = Path(path or "").expanduser()
-    if not path or not folder.is_dir():
-        raise ZoodipError(f"data.path={path!r} is not a folder of reference images; add data.path=DIR to zoodip-eval")
-    images = []
-    for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            with Image.open(file) as im:
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            log.warning("skipping %s: not a readable image", file.name)
-    if not images:
-        raise ZoodipError(f"data.path={str(folder)!r} holds no readable image")
-    return images
+    """Every readable image of the subject folder, as RGB PIL images at full size (the scorers resize them), read
+    by training's reader (zoodip.data.read_reference_images): the same files, orientation and bounds."""
+    return read_reference_images(path).images
 
 
 def make_clip(ev: DictConfig, device: torch.device) -> ClipScorer:
@@ -343,6 +332,11 @@ def preflight(cfg: DictConfig) -> None:
     prompt table, the reference images and the CLIP / DINOv2 weights (loaded on the CPU once, then dropped)."""
     cfg = prepare_config(cfg)
     _check(cfg.eval)
+    if cfg.eval.kind == "toyworld":
+        toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)
+        reference_images(cfg.data.path)
+        toyworld.load_scorer(cfg.eval.scorer)
+        return
     prompt_set(cfg)
     if cfg.data.kind == "dreambooth":
         reference_images(cfg.data.path)
@@ -368,6 +362,8 @@ def evaluate_run(
     cfg = run_config(run_dir, overrides) if cfg is None else prepare_config(cfg, overrides)
     ev = cfg.eval
     _check(ev)
+    if ev.kind == "toyworld":
+        return evaluate_toyworld(run_dir, cfg, tracker, started)
     embeddings = read_embeddings(run_dir, cfg.data.placeholder_token, 2 if is_sdxl(cfg) else 1)
     ps = prompt_set(cfg)
     refs = reference_images(cfg.data.path) if cfg.data.kind == "dreambooth" else None
@@ -384,61 +380,133 @@ def evaluate_run(
     jobs = [(p, int(ev.seed) + j) for p in range(len(ps.prompts)) for j in range(n)]
     jobs += [(0, int(ev.seed) + j) for j in range(n, d)]  # the rest of the diversity set (S3.3)
     scored = len(ps.prompts) * n
-    resolution = int(cfg.model.resolution)
 
+    t0 = time.perf_counter()
+    images = _generate_all(pipe, [ps.prompts[p] for p, _ in jobs], [s for _, s in jobs], cfg)
+    gen_seconds = time.perf_counter() - t0
+
+    gen_clip = clip.embed_images(images[:scored])
+    gen_dino = dino.embed_images(images)
+    prompt_idx = torch.tensor([p for p, _ in jobs[:scored]])
+    frame = pd.DataFrame({
+        "prompt": [ps.prompts[p] for p, _ in jobs[:scored]],
+        "seed": [s for _, s in jobs[:scored]],
+        "clip_t": clip_t(text_emb[prompt_idx], gen_clip).tolist(),
+        "clip_i": clip_i_per_image(ref_clip, gen_clip).tolist() if refs else float("nan"),
+        "dino": dino_per_image(ref_dino, gen_dino[:scored]).tolist() if refs else float("nan"),
+    })  # fmt: skip
+    diversity = [i for i, (p, s) in enumerate(jobs) if p == 0 and s < int(ev.seed) + d]
+    per_prompt = [
+        {"index": i, "prompt": ps.prompts[i], "text": ps.texts[i], "images": len(g),
+         **{k: _mean(g[k]) for k in ("clip_t", "clip_i", "dino")}}
+        for i, (_, g) in enumerate(frame.groupby("prompt", sort=False))
+    ]  # fmt: skip
+    metrics: dict[str, Any] = {
+        "status": "completed",
+        **{k: _mean(frame[k]) for k in ("clip_t", "clip_i", "dino")},
+        "dino_inter": dino_inter(gen_dino[diversity]) if len(diversity) >= 2 else None,
+        "per_prompt": per_prompt,
+        "counts": {"prompts": len(ps.prompts), "images_per_prompt": n, "scored_images": scored,
+                   "diversity_images": len(diversity), "generated_images": len(images),
+                   "reference_images": len(refs) if refs else 0},
+        "backbones": backbone_ids(ev),
+        "images_per_second": len(images) / gen_seconds if gen_seconds > 0 else None,
+        "generation_seconds": gen_seconds, "class_noun": ps.class_noun, "living": ps.living,
+        "use_class_token": bool(ev.use_class_token), **_protocol(cfg, pipe, device),
+    }  # fmt: skip
+    names = [f"p{p:02d}_s{s:04d}.png" for p, s in jobs]
+    metrics["seconds"] = time.perf_counter() - started
+    write_evaluation(run_dir, names, images, frame, metrics)
+    log_to_tracker(cfg, run_dir, tracker, metrics, frame, images[:scored], [p for p, _ in jobs[:scored]])
+    return metrics
+
+
+def _generate_all(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], cfg: DictConfig) -> list[Image.Image]:
+    """`generate` with a progress bar over every image of an evaluation."""
+    with tqdm(total=len(prompts), desc="zoodip-eval", unit="img", file=sys.stderr, dynamic_ncols=True,
+              disable=not cfg.train.get("progress", True)) as bar:  # fmt: skip
+        return generate(pipe, prompts, seeds, cfg.eval, int(cfg.model.resolution), bar)
+
+
+def _protocol(cfg: DictConfig, pipe: DiffusionPipeline, device: torch.device) -> dict[str, Any]:
+    """The generation settings every metrics.json records."""
+    ev = cfg.eval
+    return {
+        "placeholder_token": cfg.data.placeholder_token, "seed": int(ev.seed), "resolution": int(cfg.model.resolution),
+        "num_inference_steps": int(ev.num_inference_steps), "guidance_scale": float(ev.guidance_scale),
+        "scheduler": type(pipe.scheduler).__name__, "model": ev.model or cfg.model.path or cfg.model.arch,
+        "quantization": "none" if ev.model else cfg.quantization.weights, "device": str(device),
+    }  # fmt: skip
+
+
+def write_evaluation(
+    run_dir: Path, names: list[str], images: list[Image.Image], frame: pd.DataFrame, metrics: dict[str, Any]
+) -> None:
+    """<run>/eval/: images/, scores.csv, metrics.json, built in a hidden folder and renamed into place."""
     staging = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     try:
-        t0 = time.perf_counter()
-        with tqdm(total=len(jobs), desc="zoodip-eval", unit="img", file=sys.stderr, dynamic_ncols=True,
-                  disable=not cfg.train.get("progress", True)) as bar:  # fmt: skip
-            images = generate(pipe, [ps.prompts[p] for p, _ in jobs], [s for _, s in jobs], ev, resolution, bar)
-        gen_seconds = time.perf_counter() - t0
-        names = [f"p{p:02d}_s{s:04d}.png" for p, s in jobs]
         for name, im in zip(names, images, strict=True):
             atomic_write(staging / "images" / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
-
-        gen_clip = clip.embed_images(images[:scored])
-        gen_dino = dino.embed_images(images)
-        prompt_idx = torch.tensor([p for p, _ in jobs[:scored]])
-        frame = pd.DataFrame({
-            "prompt": [ps.prompts[p] for p, _ in jobs[:scored]],
-            "seed": [s for _, s in jobs[:scored]],
-            "clip_t": clip_t(text_emb[prompt_idx], gen_clip).tolist(),
-            "clip_i": clip_i_per_image(ref_clip, gen_clip).tolist() if refs else float("nan"),
-            "dino": dino_per_image(ref_dino, gen_dino[:scored]).tolist() if refs else float("nan"),
-        })  # fmt: skip
-        diversity = [i for i, (p, s) in enumerate(jobs) if p == 0 and s < int(ev.seed) + d]
-        per_prompt = [
-            {"index": i, "prompt": ps.prompts[i], "text": ps.texts[i], "images": len(g),
-             **{k: _mean(g[k]) for k in ("clip_t", "clip_i", "dino")}}
-            for i, (_, g) in enumerate(frame.groupby("prompt", sort=False))
-        ]  # fmt: skip
-        metrics: dict[str, Any] = {
-            "status": "completed",
-            **{k: _mean(frame[k]) for k in ("clip_t", "clip_i", "dino")},
-            "dino_inter": dino_inter(gen_dino[diversity]) if len(diversity) >= 2 else None,
-            "per_prompt": per_prompt,
-            "counts": {"prompts": len(ps.prompts), "images_per_prompt": n, "scored_images": scored,
-                       "diversity_images": len(diversity), "generated_images": len(images),
-                       "reference_images": len(refs) if refs else 0},
-            "backbones": backbone_ids(ev),
-            "images_per_second": len(images) / gen_seconds if gen_seconds > 0 else None,
-            "generation_seconds": gen_seconds,
-            "placeholder_token": cfg.data.placeholder_token, "class_noun": ps.class_noun, "living": ps.living,
-            "use_class_token": bool(ev.use_class_token), "seed": int(ev.seed), "resolution": resolution,
-            "num_inference_steps": int(ev.num_inference_steps), "guidance_scale": float(ev.guidance_scale),
-            "scheduler": type(pipe.scheduler).__name__, "model": ev.model or cfg.model.path or cfg.model.arch,
-            "quantization": "none" if ev.model else cfg.quantization.weights, "device": str(device),
-        }  # fmt: skip
         atomic_write(staging / "scores.csv", lambda tmp: frame.to_csv(tmp, index=False))
-        metrics["seconds"] = time.perf_counter() - started
         write_json(staging / "metrics.json", metrics)
         _replace_dir(staging, run_dir / "eval")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log_to_tracker(cfg, run_dir, tracker, metrics, frame, images[:scored], [p for p, _ in jobs[:scored]])
+
+
+def evaluate_toyworld(
+    run_dir: Path,
+    cfg: DictConfig,
+    tracker: Tracker | None = None,
+    started: float | None = None,
+    embeddings: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """eval=toyworld: images of the learned token from `toyworld.evaluation_prompts`, judged by the world's scorer
+    (`toyworld.score_images`: subject_accuracy, prompt_accuracy, image_similarity, diversity).
+
+    `embeddings` (per text encoder, (k, d)) scores another token than the run's, e.g. the initializer word's."""
+    started = time.perf_counter() if started is None else started
+    ev = cfg.eval
+    if embeddings is None:
+        embeddings = read_embeddings(run_dir, cfg.data.placeholder_token, 2 if is_sdxl(cfg) else 1)
+    prompts = toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)
+    refs = reference_images(cfg.data.path)
+    scorer = toyworld.load_scorer(ev.scorer)
+    key = "eval.device" if ev.get("device") else "train.device"
+    device = resolve_device(ev.get("device") or cfg.train.device, key)
+    pipe = build_pipeline(cfg, device, embeddings)
+    n = int(ev.images_per_prompt)
+    jobs = [(p, int(ev.seed) + j) for p in range(len(prompts)) for j in range(n)]
+    t0 = time.perf_counter()
+    images = _generate_all(pipe, [prompts[p][0] for p, _ in jobs], [s for _, s in jobs], cfg)
+    gen_seconds = time.perf_counter() - t0
+    rows, scores = toyworld.score_images(scorer, images, refs, cfg.data.subject, [prompts[p][1] for p, _ in jobs],
+                                         [i for i, (p, _) in enumerate(jobs) if p == 0])  # fmt: skip
+    frame = pd.DataFrame({"prompt": [prompts[p][0] for p, _ in jobs], "seed": [s for _, s in jobs], **rows})
+    per_prompt = [
+        {"index": i, "prompt": prompt, "images": len(g), "subject_accuracy": float(g["subject_correct"].mean()),
+         "prompt_accuracy": None if g["prompt_correct"].isna().all() else float(g["prompt_correct"].mean()),
+         "image_similarity": float(g["image_similarity"].mean())}
+        for i, (prompt, g) in enumerate(frame.groupby("prompt", sort=False))
+    ]  # fmt: skip
+    metrics: dict[str, Any] = {
+        "status": "completed", "kind": "toyworld", **scores, "per_prompt": per_prompt, "subject": cfg.data.subject,
+        "counts": {"prompts": len(prompts), "images_per_prompt": n, "generated_images": len(images),
+                   "reference_images": len(refs)},
+        "backbones": {"scorer": str(ev.scorer)},
+        "images_per_second": len(images) / gen_seconds if gen_seconds > 0 else None,
+        "generation_seconds": gen_seconds, **_protocol(cfg, pipe, device),
+    }  # fmt: skip
+    metrics["seconds"] = time.perf_counter() - started
+    write_evaluation(run_dir, [f"p{p:02d}_s{s:04d}.png" for p, s in jobs], images, frame, metrics)
+    log_to_tracker(cfg, run_dir, tracker, metrics, frame, images, [p for p, _ in jobs])
     return metrics
+
+
+#: Means that go to the W&B summary as eval/<key>: the paper's scores, the toy world's, the speed.
+SUMMARY_KEYS = ("clip_t", "clip_i", "dino", "dino_inter", "subject_accuracy", "prompt_accuracy", "image_similarity",
+                "diversity", "images_per_second")  # fmt: skip
 
 
 def log_to_tracker(
@@ -464,10 +532,9 @@ def log_to_tracker(
         cfg.logger.run_name = f"{cfg.logger.run_name or run_dir.name}-eval"
         tracker = Tracker(cfg, run_dir, job_type="eval")
     try:
-        keys = ("clip_t", "clip_i", "dino", "dino_inter", "images_per_second")
-        tracker.summary({f"eval/{k}": metrics[k] for k in keys})
-        columns = ["image", "prompt", "seed", "clip_t", "clip_i", "dino"]
-        rows = [[im, *row] for im, row in zip(images, frame[columns[1:]].itertuples(index=False), strict=True)]
+        tracker.summary({f"eval/{k}": v for k, v in metrics.items() if k in SUMMARY_KEYS})
+        columns = ["image", *frame.columns]
+        rows = [[im, *row] for im, row in zip(images, frame.itertuples(index=False), strict=True)]
         tracker.log_table("eval/samples", columns, rows)
         firsts: dict[int, Image.Image] = {}
         for p, im in zip(prompt_idx, images, strict=True):
@@ -519,14 +586,21 @@ class Validator:
 
     def _setup(self) -> None:
         cfg, parts, val = self.cfg, self.parts, self.cfg.eval.validation
-        ps = prompt_set(cfg)
-        k, n = min(int(val.prompts), len(ps.prompts)), int(val.images_per_prompt)
-        self.prompts = [ps.prompts[p] for p in range(k) for _ in range(n)]
-        self.seeds = [int(cfg.eval.seed) + j for _ in range(k) for j in range(n)]
-        self.clip = make_clip(cfg.eval, parts.device)
-        self.texts = self.clip.embed_texts([ps.texts[p] for p in range(k) for _ in range(n)])
+        k, n = int(val.prompts), int(val.images_per_prompt)
         refs = reference_images(cfg.data.path) if cfg.data.kind == "dreambooth" else None
-        self.refs = self.clip.embed_images(refs) if refs else None
+        if cfg.eval.kind == "toyworld":
+            prompts = toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)[:k]
+            self.prompts = [p for p, _ in prompts for _ in range(n)]
+            self.backgrounds = [b for _, b in prompts for _ in range(n)]
+            self.scorer, self.refs = toyworld.load_scorer(cfg.eval.scorer), refs
+        else:
+            ps = prompt_set(cfg)
+            k = min(k, len(ps.prompts))
+            self.prompts = [ps.prompts[p] for p in range(k) for _ in range(n)]
+            self.clip = make_clip(cfg.eval, parts.device)
+            self.texts = self.clip.embed_texts([ps.texts[p] for p in range(k) for _ in range(n)])
+            self.refs = self.clip.embed_images(refs) if refs else None
+        self.seeds = [int(cfg.eval.seed) + j for _ in range(len(self.prompts) // n) for j in range(n)]
         folder = resolve_pretrained(cfg.model.path, parts.is_sdxl) if cfg.model.init == "pretrained" else None
         scheduler = inference_scheduler(cfg.eval.scheduler, folder, parts.scheduler)
         self.pipe = assemble_pipeline(parts, load_vae(cfg, parts.device, parts.dtype), scheduler)
@@ -543,11 +617,15 @@ class Validator:
         finally:
             for emb in self.text.embeddings:
                 emb.values = None
+        captions = [f"{p} (seed {s})" for p, s in zip(self.prompts, self.seeds, strict=True)]
+        if self.cfg.eval.kind == "toyworld":
+            _, scores = toyworld.score_images(self.scorer, images, self.refs, self.cfg.data.subject, self.backgrounds,
+                                              list(range(len(images))))  # fmt: skip
+            return Validation({f"val/{k}": v for k, v in scores.items() if v is not None}, images, captions)
         gen = self.clip.embed_images(images)
         metrics = {"val/clip_t": float(clip_t(self.texts, gen).mean())}
         if self.refs is not None:
             metrics["val/clip_i"] = float(clip_i_per_image(self.refs, gen).mean())
-        captions = [f"{p} (seed {s})" for p, s in zip(self.prompts, self.seeds, strict=True)]
         return Validation(metrics, images, captions)
 
 
@@ -578,7 +656,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir, overrides = parse_args(argv)
     m = evaluate_run(run_dir, overrides)
-    fmt = {k: "n/a" if m[k] is None else f"{m[k]:.4f}" for k in ("clip_t", "clip_i", "dino", "dino_inter")}
+    keys = [k for k in SUMMARY_KEYS if k in m and k != "images_per_second"]
+    fmt = {k: "n/a" if m[k] is None else f"{m[k]:.4f}" for k in keys}
     print(f"zoodip-eval: {' '.join(f'{k}={v}' for k, v in fmt.items())} -> {run_dir / 'eval'}", file=sys.stderr)
 
 

@@ -309,7 +309,13 @@ def arch_dir(arch: str) -> Path:
 
 
 def random_tokenizers(arch: str) -> list[CLIPTokenizer]:
+    """The tokenizer(s) of a random-weight build: CLIP's (padded as the arch's tokenizer_config.json says), or
+    the toy world's small vocabulary where that file says `"vocabulary": "toyworld"`."""
     pads = json.loads((arch_dir(arch) / "tokenizer_config.json").read_text())
+    if pads.get("vocabulary") == "toyworld":
+        from zoodip.toyworld import world_tokenizer
+
+        return [world_tokenizer()]
     names = ["pad_token", "pad_token_2"] if "pad_token_2" in pads else ["pad_token"]
     return [cached_clip_tokenizer(pads[name]) for name in names]
 

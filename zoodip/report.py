@@ -18,19 +18,24 @@ Output, in `<multirun dir>/report/` (all files written atomically):
                     steps, initial_loss, ..., planted_cosine   scalar training metrics (TRAIN_KEYS, then any other
                                                          numeric key of metrics.json); sg_istar_over_tau (a list) is
                                                          only summarised by sg_istar_over_tau_mean
-                    clip_t, clip_i, dino, dino_inter     evaluation metrics (eval/metrics.json), unprefixed
+                    clip_t, clip_i, dino, dino_inter     evaluation metrics (eval/metrics.json), unprefixed; for
+                    subject_accuracy, ..., diversity     eval=toyworld the toy world's scores
                     wandb_project, wandb_group, wandb_run_id   the job's own W&B run, when it had one
   heatmap.png     two grid parameters: one panel per metric, rows = first parameter, cols = second.
                   `puts.t_low` x `puts.t_high` uses the Fig. 7 layout (y T_L, x T_U, cells with T_L >= T_U blank);
                   `sg.tau` x `sg.nu` the Table 4 layout (tau ascending down, nu descending across).
   bars.png        one grid parameter: one bar chart panel per metric (Tables 3, 5, S4-S8 style sweeps).
   istar_hist.png  histogram of i*/tau over all SG refreshes (Fig. 8), only when some job logged them.
-  report.md       the same numbers as markdown tables; best cell bold with a star; failed cells read "failed".
-  report.json     metrics, swept and grid parameters, job counts, best value per metric with its parameters.
+  report.md       the same numbers as markdown tables (one-parameter sweeps: mean ± sd over repeats); best cell
+                  bold with a star; failed cells read "failed". A one-parameter sweep repeated over seeds or
+                  subjects also gets paired comparisons of each level with the first (paired t-test, Wilcoxon).
+  report.json     metrics, swept and grid parameters, job counts, best value per metric with its parameters,
+                  the paired comparisons.
   wandb/          the offline W&B report run (job_type=report), unless the logger is off.
 
-Metrics: `report.metrics` if given; else clip_t, clip_i, dino when any job has eval metrics; else loss_ratio (the
-planted diagnostic) when any job has it; else final_loss. DIRECTION says which way is better.
+Metrics: `report.metrics` if given; else clip_t, clip_i, dino when any job has eval metrics; else the toy world's
+subject_accuracy, prompt_accuracy, image_similarity (eval=toyworld); else loss_ratio (the planted diagnostic) when any
+job has it; else final_loss. DIRECTION says which way is better.
 
 Grid rule. Swept = override keys whose value differs across jobs. Drop the nuisance keys (seed, train.seed,
 data.subject): if one or two swept keys remain, they are the grid and each cell is the mean over the dropped ones
@@ -68,10 +73,13 @@ TRAIN_KEYS = [
     "peak_memory_bytes", "quantized_fraction", "nonfinite_steps", "sg_istar_over_tau_mean", "loss_ratio",
     "planted_cosine",
 ]  # fmt: skip
-EVAL_KEYS = ["clip_t", "clip_i", "dino", "dino_inter"]
+EVAL_KEYS = ["clip_t", "clip_i", "dino", "dino_inter", "subject_accuracy", "prompt_accuracy", "image_similarity",
+             "diversity"]  # fmt: skip
+TOY_METRICS = ["subject_accuracy", "prompt_accuracy", "image_similarity"]  # eval=toyworld
 # +1: higher is better, -1: lower is better, 0: reported but never ranked.
 DIRECTION = {
     "clip_t": 1, "clip_i": 1, "dino": 1, "planted_cosine": 1, "iters_per_second": 1,
+    "subject_accuracy": 1, "prompt_accuracy": 1, "image_similarity": 1, "diversity": 0,
     "final_loss": -1, "loss_ratio": -1, "dino_inter": -1, "wall_seconds": -1, "peak_memory_bytes": -1,
     "initial_loss": -1, "nonfinite_steps": -1,
     "steps": 0, "forward_passes": 0, "quantized_fraction": 0, "sg_istar_over_tau_mean": 0,
@@ -212,6 +220,8 @@ def choose_metrics(df: pd.DataFrame, metrics: list[str] | str | None = None) -> 
         return metrics
     if df[["clip_t", "clip_i", "dino"]].notna().any().any():
         return ["clip_t", "clip_i", "dino"]
+    if df[TOY_METRICS].notna().any().any():
+        return TOY_METRICS
     return ["loss_ratio"] if df["loss_ratio"].notna().any() else ["final_loss"]
 
 
@@ -232,8 +242,9 @@ def aggregate(df: pd.DataFrame, params: list[str], metric: str) -> pd.DataFrame:
         status = set(g["status"])
         label = next((s for s in ("failed", "running") if s in status), "missing") if vals.empty else "ok"
         value = math.nan if vals.empty else float(vals.mean())
+        sd = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
         cell = dict(zip(params, key, strict=True))
-        rows.append({**cell, "value": value, "n": len(vals), "jobs": len(g), "label": label})
+        rows.append({**cell, "value": value, "sd": sd, "n": len(vals), "jobs": len(g), "label": label})
     return pd.DataFrame(rows)
 
 
@@ -404,10 +415,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
 
 
-def _md_cell(value: float, label: str, best: bool) -> str:
+def _md_cell(value: float, label: str, best: bool, sd: float = math.nan) -> str:
+    """A value (± its sd over repeats, when there are several), bold with a star when it is the best."""
     if label != "ok":
         return "" if label in BLANK else label
-    return f"**{_fmt(value)}** ★" if best else _fmt(value)
+    text = _fmt(value) + (f" ± {_fmt(sd)}" if math.isfinite(sd) else "")
+    return f"**{text}** ★" if best else text
 
 
 def _py(value: Any) -> Any:
@@ -477,7 +490,9 @@ def _heatmap_section(df: pd.DataFrame, row: str, col: str, metrics: list[str], o
     return image, "\n\n".join(sections), best
 
 
-def _bars_section(df: pd.DataFrame, param: str, metrics: list[str], out: Path) -> tuple[Path, str, dict]:
+def _bars_section(
+    df: pd.DataFrame, param: str, metrics: list[str], out: Path
+) -> tuple[Path, str, dict, list[dict[str, Any]]]:
     """One swept parameter (Tables 3, 5, S4-S8 style): a bar chart PNG and a list table, one column per metric."""
     cells = {m: aggregate(df, [param], m).set_index(param) for m in metrics}
     order = _order(cells[metrics[0]].index)
@@ -489,10 +504,45 @@ def _bars_section(df: pd.DataFrame, param: str, metrics: list[str], out: Path) -
     masks = {m: best_mask(t["value"], m) for m, t in cells.items()}
     body = []
     for k in order:
-        vals = [_md_cell(cells[m].loc[k, "value"], cells[m].loc[k, "label"], masks[m][k]) for m in metrics]
+        vals = [_md_cell(cells[m].loc[k, "value"], cells[m].loc[k, "label"], masks[m][k], cells[m].loc[k, "sd"])
+                for m in metrics]  # fmt: skip
         body.append([_label(k), *vals, str(cells[metrics[0]].loc[k, "jobs"])])
     header = [_axis(param), *[m + _arrow(m) for m in metrics], "jobs"]
-    return image, f"## {', '.join(metrics)}\n\n{_md_table(header, body)}", best
+    text = f"## {', '.join(metrics)} (mean ± sd over repeats)\n\n{_md_table(header, body)}"
+    paired = paired_tests(df, param, metrics)
+    if paired:
+        rows = [[_label(t["level"]), _label(t["reference"]), t["metric"], _fmt(t["mean_difference"]),
+                 str(t["pairs"]), _fmt(t["t_test_p"]), _fmt(t["wilcoxon_p"]) if t["wilcoxon_p"] is not None else "n/a"]
+                for t in paired]  # fmt: skip
+        header = [_axis(param), "vs", "metric", "mean difference", "pairs", "paired t p", "Wilcoxon p"]
+        text += "\n\n## Paired comparisons (same seed and subject)\n\n" + _md_table(header, rows)
+    return image, text, best, paired
+
+
+def paired_tests(df: pd.DataFrame, param: str, metrics: list[str]) -> list[dict[str, Any]]:
+    """Each level of a one-parameter sweep against the first level, paired by the nuisance keys (seed, subject)
+    that the jobs differ in: mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided).
+    Empty when the jobs have no such key or fewer than 2 pairs."""
+    from scipy import stats
+
+    keys = [k for k in NUISANCE if k != param and k in df.columns and df[k].astype(str).nunique() > 1]
+    done = df[df["status"].eq("completed")]
+    levels = _order(done[param])
+    if not keys or len(levels) < 2:
+        return []
+    out = []
+    for metric in metrics:
+        table = done.pivot_table(index=keys, columns=param, values=metric, aggfunc="mean")
+        for level in levels[1:]:
+            pair = table[[levels[0], level]].dropna() if level in table and levels[0] in table else table.iloc[:0]
+            if len(pair) < 2:
+                continue
+            diff = (pair[level] - pair[levels[0]]).to_numpy(dtype=float)
+            t_p = float(stats.ttest_rel(pair[level], pair[levels[0]]).pvalue) if diff.std() > 0 else 1.0
+            w_p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+            out.append({"level": _py(level), "reference": _py(levels[0]), "metric": metric, "pairs": len(pair),
+                        "mean_difference": float(diff.mean()), "t_test_p": t_p, "wilcoxon_p": w_p})  # fmt: skip
+    return out
 
 
 def _jobs_section(runs: pd.DataFrame, swept: list[str], metrics: list[str]) -> tuple[str, dict]:
@@ -548,12 +598,12 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
     df = runs.copy()
     for p in grid:  # a job that neither overrides nor records a grid key still gets a cell
         df[p] = df[p].astype(object).where(df[p].notna(), "(unset)")
-    images, sections = [], []
+    images, sections, paired = [], [], []
     if len(grid) == 2:
         image, text, best = _heatmap_section(df, grid[0], grid[1], metrics, out)
         images.append(image)
     elif len(grid) == 1:
-        image, text, best = _bars_section(df, grid[0], metrics, out)
+        image, text, best, paired = _bars_section(df, grid[0], metrics, out)
         images.append(image)
     else:
         text, best = _jobs_section(runs, swept, metrics)
@@ -579,6 +629,7 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
         "averaged_over": averaged,
         "counts": counts,
         "best": best,
+        "paired": paired,
         "images": [p.name for p in images],
         "istar_over_tau": istar[2] if istar else None,
         "wandb": None,

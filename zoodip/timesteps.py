@@ -18,13 +18,15 @@ def uniform(generator: torch.Generator, num_train_timesteps: int) -> int:
 
 
 def snr_weights(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """SNR-based sampling weights, p(t) proportional to 1 / (1 + SNR(t)) = 1 - alpha_bar_t.
+    """SNR-based sampling weights (Table 5's baseline), p(t) proportional to logSNR_max - logSNR(t), with
+    logSNR(t) = log(alpha_bar_t / (1 - alpha_bar_t)).
 
-    TextBoost (Park et al. 2024) samples by SNR so that high-noise timesteps, where text matters most, are
-    drawn more often. Its exact weighting is not restated in the ZOODiP paper; this is our reading, a smooth
-    distribution that rises monotonically towards pure noise.
+    TextBoost (Park et al. 2024) samples by SNR so that high-noise timesteps, where text matters most, are drawn
+    more often. The ZOODiP paper does not restate the weighting; this is the one in TextBoost's own code (mean t
+    about 584 on Stable Diffusion's schedule). zoodip first used 1 - alpha_bar_t, which gives mean t about 648.
     """
-    weights = 1.0 - alphas_cumprod.double()
+    log_snr = torch.log(alphas_cumprod.double()) - torch.log1p(-alphas_cumprod.double())
+    weights = log_snr.max() - log_snr
     return weights / weights.sum()
 
 

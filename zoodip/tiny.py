@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from zoodip.errors import ZoodipError, cli_errors
+from zoodip.errors import cli_errors
+from zoodip.io import new_folder
 from zoodip.models import load_components
 
 
@@ -20,9 +19,6 @@ def make_tiny(directory: str | Path, sdxl: bool = False, seed: int = 0, eval_mod
     The folder is written beside the target and renamed into place, so it is complete or absent.
     With `eval_models`, also write tiny random CLIP and DINOv2 scorers as `directory/clip`, `directory/dinov2`.
     """
-    target = Path(directory).expanduser()
-    if target.exists() and any(target.iterdir()):
-        raise ZoodipError(f"{target} exists and is not empty; choose a new folder")
     parts = load_components(
         "tiny_sdxl" if sdxl else "tiny", "random", None, torch.float32, torch.device("cpu"), "none", seed
     )
@@ -37,21 +33,13 @@ def make_tiny(directory: str | Path, sdxl: bool = False, seed: int = 0, eval_mod
             vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=parts.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with new_folder(directory) as staging:
         pipe.save_pretrained(staging)
         if eval_models:
             from zoodip.scoring import write_tiny_eval_models
 
             write_tiny_eval_models(staging)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(directory).expanduser()
 
 
 @cli_errors

@@ -46,19 +46,17 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer(directory: str | Path, pad_token: str = EOS) -> Path:
-    """Write vocab.json / merges.txt / tokenizer configs that `CLIPTokenizer.from_pretrained(directory)` reads.
-
-    SD1.5 pads with `<|endoftext|>`; SD2.x and SDXL's second tokenizer pad with "!" (id 0).
-    """
+def write_tokenizer(
+    directory: str | Path, vocab: dict[str, int], merges: list[str], pad_token: str = EOS, max_length: int = 77
+) -> Path:
+    """Write vocab.json / merges.txt / tokenizer configs that `CLIPTokenizer.from_pretrained(directory)` reads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_and_merges()
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
+        "model_max_length": max_length,
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,
@@ -69,6 +67,13 @@ def write_clip_tokenizer(directory: str | Path, pad_token: str = EOS) -> Path:
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return directory
+
+
+def write_clip_tokenizer(directory: str | Path, pad_token: str = EOS) -> Path:
+    """CLIP's own tokenizer files (SD1.5 pads with `<|endoftext|>`; SD2.x and SDXL's second tokenizer pad
+    with "!", id 0)."""
+    vocab, merges = clip_vocab_and_merges()
+    return write_tokenizer(directory, vocab, merges, pad_token=pad_token)
 
 
 def clip_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:

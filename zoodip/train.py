@@ -19,18 +19,18 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from zoodip import CONF_DIR
+from zoodip.checkpoint import TrainState, load_checkpoint, locate_checkpoint, save_checkpoint
 from zoodip.data import (
-    OBJECT_TEMPLATES,
-    STYLE_TEMPLATES,
+    TEMPLATES,
     Reference,
     default_initializer,
     encode_latents,
     load_captions,
-    load_reference_images,
+    read_reference_images,
 )
 from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.estimators import ESTIMATORS, estimate
-from zoodip.evaluate import Validator, evaluate_run, preflight
+from zoodip.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
     check_cpu_memory,
@@ -68,6 +68,10 @@ def validate(cfg: DictConfig) -> None:
         ),
         (cfg.quantization.weights in QUANTIZATIONS, f"quantization must be one of {', '.join(QUANTIZATIONS)}"),
         (cfg.data.kind in ("dreambooth", "planted"), f"data must be dreambooth or planted, got {cfg.data.kind!r}"),
+        (
+            cfg.data.template in TEMPLATES,
+            f"data.template must be one of {', '.join(TEMPLATES)}, got {cfg.data.template!r}",
+        ),
         (
             est.name != "backprop" or cfg.quantization.weights == "none",
             "estimator=backprop is the first-order TI baseline through an unquantized model: "
@@ -115,12 +119,10 @@ def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        path = run_dir / "checkpoints" / "last.pt"
-        return path if path.is_file() else None
-    path = Path(resume).expanduser()
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise ZoodipError(f"train.resume={resume!r}: no checkpoint found at {path}")
+        return locate_checkpoint(run_dir)
+    path = locate_checkpoint(resume)
+    if path is None:
+        raise ZoodipError(f"train.resume={resume!r}: no checkpoint found at {Path(resume).expanduser()}")
     return path
 
 
@@ -144,8 +146,11 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         set_cpu_memory(cfg.train.cpu_memory)
     data_cfg = cfg.data
     if data_cfg.kind == "dreambooth":  # read the images before loading a multi-GB model
-        images, names = load_reference_images(data_cfg.path, int(data_cfg.resolution))
-        captions = load_captions(data_cfg.captions, data_cfg.subject, names)
+        refs = read_reference_images(data_cfg.path, int(data_cfg.resolution))  # oriented, cropped, resized
+        sheet = image_grid(refs.images, cols=min(5, len(refs.images)))  # exactly what the model is trained on
+        atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
+        images, names = refs.tensor(), refs.names
+        captions = load_captions(data_cfg.captions, data_cfg.subject, names, refs.entries)
     initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
 
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
@@ -170,7 +175,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     planted = None
     if data_cfg.kind == "dreambooth":
         mean, std = encode_latents(parts.vae, images, device)
-        templates = OBJECT_TEMPLATES if data_cfg.template == "object" else STYLE_TEMPLATES
+        templates = TEMPLATES[data_cfg.template]
         data = Reference(mean, std, [[c] for c in captions] if captions else [templates] * len(names))
     else:
         planted = PlantedTask(
@@ -203,33 +208,33 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     start, nonfinite, wall_before, initial_eval = 0, 0, 0.0, None
     checkpoint = find_checkpoint(cfg.train.resume, run_dir)
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["theta"].numel() != theta.numel():
+        state = load_checkpoint(checkpoint)
+        if state.theta.numel() != theta.numel():
             raise ZoodipError(
-                f"checkpoint {checkpoint} holds a token of size {state['theta'].numel()}, not {theta.numel()}"
+                f"checkpoint {checkpoint} holds a token of size {state.theta.numel()}, not {theta.numel()}"
             )
         with torch.no_grad():
-            theta.copy_(state["theta"])
-        optimizer.load_state_dict(state["optimizer"])
-        if sg is not None and state["sg"] is not None:
-            sg.load_state_dict(state["sg"])
-        generator.set_state(state["generator"])
-        history, start, nonfinite = state["history"], state["step"], state["nonfinite"]
-        wall_before, initial_eval = state["wall_seconds"], state["initial_eval_loss"]
-        objective.forward_passes = state["forward_passes"]
+            theta.copy_(state.theta)
+        optimizer.load_state_dict(state.optimizer)
+        if sg is not None and state.sg is not None:
+            sg.load_state_dict(state.sg)
+        generator.set_state(state.generator)
+        history, start, nonfinite = state.history, state.step, state.nonfinite
+        wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
+        objective.forward_passes = state.forward_passes
         log.info("resumed from %s at step %d", checkpoint, start)
     if planted is not None and initial_eval is None:
         with forward_mode(quant):
             initial_eval = planted.eval_loss(objective, theta0)
 
     def write_checkpoint(step: int, wall: float) -> None:
-        state = {
-            "step": step, "theta": theta.detach().clone(), "optimizer": optimizer.state_dict(),
-            "sg": sg.state_dict() if sg is not None else None, "generator": generator.get_state(),
-            "history": history, "nonfinite": nonfinite, "wall_seconds": wall, "initial_eval_loss": initial_eval,
-            "forward_passes": objective.forward_passes,
-        }  # fmt: skip
-        atomic_write(run_dir / "checkpoints" / "last.pt", lambda tmp: torch.save(state, tmp))
+        state = TrainState(
+            step=step, theta=theta.detach(), optimizer=optimizer.state_dict(),
+            sg=sg.state_dict() if sg is not None else None, generator=generator.get_state(),
+            history=history, nonfinite=nonfinite, wall_seconds=wall, initial_eval_loss=initial_eval,
+            forward_passes=objective.forward_passes,
+        )  # fmt: skip
+        save_checkpoint(run_dir / "checkpoints", state)
 
     steps = int(cfg.train.steps)
     t_start = time.perf_counter()
@@ -344,7 +349,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
     if cfg.eval.enabled:  # after train() returned, so its model is freed before evaluation loads its own
         try:
             eval_metrics = evaluate_run(run_dir, cfg=cfg, tracker=tracker)
-            metrics["eval"] = {k: eval_metrics.get(k) for k in ("clip_t", "clip_i", "dino", "dino_inter")}
+            metrics["eval"] = {k: v for k, v in eval_metrics.items() if k in SUMMARY_KEYS and k != "images_per_second"}
         except Exception as err:  # training itself completed: keep its status, record why eval did not
             log.error("evaluation failed: %s", err)
             metrics["eval_error"] = f"{type(err).__name__}: {err}"
