@@ -37,7 +37,7 @@ def initializer_embedding(model_dir: str | Path, word: str) -> torch.Tensor:
     if len(ids) != 1:
         raise ZoodipError(f"data.initializer_token={word!r} is not one token of the toy world's vocabulary")
     with safe_open(str(Path(model_dir) / "text_encoder" / "model.safetensors"), "pt") as f:
-        key = next(k for k in f if k.endswith("token_embedding.weight"))
+        key = next(k for k in f.keys() if k.endswith("token_embedding.weight"))  # noqa: SIM118 (no __iter__)
         return f.get_tensor(key)[ids[0]][None].float()
 
 

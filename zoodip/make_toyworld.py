@@ -1,7 +1,8 @@
 """zoodip-make-toyworld DIR: train the toy world's text-to-image model and scorer on a CPU, and check them.
 
-    zoodip-make-toyworld DIR [--seed 0] [--minutes-scale 1.0]    # train (about 30 minutes on 2 cores)
-    zoodip-make-toyworld --check [DIR] [--images 64]              # print text-following accuracy per attribute
+    zoodip-make-toyworld DIR [--seed 0] [--minutes-scale 1.0]    # train (about 35-40 minutes on 2 cores)
+    zoodip-make-toyworld --check [DIR] [--images 64] [--subjects] # text-following accuracy per attribute
+                                                                  # (and each subject's, from its true words)
 
 Training, in order (one seeded generator, so a seed gives one world):
 1. the VAE (AutoencoderKL, 32x32x3 -> 8x8x4) on drawn images, MSE plus a tiny KL term;
@@ -59,7 +60,7 @@ from zoodip.toyworld import (
 
 #: The world shipped with zoodip, loaded by `model=toyworld`.
 SHIPPED = ROOT / "zoodip" / "assets" / "toyworld"
-#: Every training step count below, so a whole build fits in about 30 minutes on 2 cores.
+#: The training step counts: a whole build takes 35-40 minutes on 2 cores (BENCHMARKS.md).
 STEPS = {"vae": 800, "unet": 2600, "scorer": 800}
 TEXT_WIDTH = 256
 
@@ -359,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("directory", nargs="?", help="folder to create (or, with --check, the world to check)")
     parser.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
-    parser.add_argument("--minutes-scale", type=float, default=1.0, help="scale every step count (default 1)")
+    parser.add_argument(
+        "--minutes-scale", type=float, default=1.0, help="scale every step count and the data (default 1)"
+    )
     parser.add_argument("--check", action="store_true", help="print text-following accuracy per attribute")
     parser.add_argument("--images", type=int, default=64, help="--check: images per caption (default 64)")
     parser.add_argument(

@@ -364,7 +364,8 @@ def plot_heatmap(grids: dict[str, tuple[pd.DataFrame, pd.DataFrame]], row: str, 
 
 
 def plot_bars(cells: dict[str, pd.DataFrame], param: str, path: Path) -> Path:
-    """One bar chart per metric over one swept parameter; failed/missing values are written in, never drawn as 0."""
+    """One bar chart per metric over one swept parameter, with ± sd over repeats as error bars; failed/missing values
+    are written in, never drawn as 0."""
     n = len(next(iter(cells.values())))
     fig = Figure(figsize=(len(cells) * max(3.6, 0.55 * n + 1.5), 3.4), layout="constrained")
     axes = fig.subplots(1, len(cells), squeeze=False)[0]
@@ -373,14 +374,17 @@ def plot_bars(cells: dict[str, pd.DataFrame], param: str, path: Path) -> Path:
         for x, (key, cell) in enumerate(table.iterrows()):
             if cell["label"] == "ok":
                 color = "tab:orange" if best[key] else "tab:blue"
-                ax.bar(x, cell["value"], color=color, edgecolor="black" if best[key] else color)
-                ax.annotate(_fmt(cell["value"]), (x, cell["value"]), ha="center", va="bottom", fontsize=8,
-                            xytext=(0, 2), textcoords="offset points")  # fmt: skip
+                sd = cell.get("sd", math.nan)
+                ax.bar(x, cell["value"], color=color, edgecolor="black" if best[key] else color,
+                       yerr=sd if math.isfinite(sd) else None, capsize=4, ecolor="0.25")  # fmt: skip
+                ax.annotate(_fmt(cell["value"]), (x, cell["value"]), ha="left", va="bottom", fontsize=8,
+                            xytext=(5, 2), textcoords="offset points")  # fmt: skip
             else:
                 ax.text(x, 0.03, cell["label"], transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                         rotation=90, fontsize=9, style="italic", color="0.3")  # fmt: skip
         ok = table.loc[table["label"].eq("ok"), "value"]
-        top = float(ok.max()) if len(ok) else 1.0
+        spread = table.loc[table["label"].eq("ok"), "sd"].fillna(0.0) if "sd" in table else 0.0
+        top = float((ok + spread).max()) if len(ok) else 1.0
         ax.set_ylim(min(0.0, float(ok.min()) * 1.1) if len(ok) else 0.0, top * 1.15 if top > 0 else 1.0)
         ax.set_xlim(-0.6, n - 0.4)
         ax.set_xticks(range(n), [_label(k) for k in table.index], rotation=45 if n > 6 else 0)
@@ -512,7 +516,7 @@ def _bars_section(
     paired = paired_tests(df, param, metrics)
     if paired:
         rows = [[_label(t["level"]), _label(t["reference"]), t["metric"], _fmt(t["mean_difference"]),
-                 str(t["pairs"]), _fmt(t["t_test_p"]), _fmt(t["wilcoxon_p"]) if t["wilcoxon_p"] is not None else "n/a"]
+                 str(t["pairs"]), f"{t['t_test_p']:.2g}", f"{t['wilcoxon_p']:.2g}"]
                 for t in paired]  # fmt: skip
         header = [_axis(param), "vs", "metric", "mean difference", "pairs", "paired t p", "Wilcoxon p"]
         text += "\n\n## Paired comparisons (same seed and subject)\n\n" + _md_table(header, rows)
