@@ -252,3 +252,14 @@ def test_any_folder_of_images_trains_and_evaluates_on_the_toy_world(tmp_path):
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and 0 <= metrics["eval"]["subject_accuracy"] <= 1
     assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["counts"]["reference_images"] == 3
+
+
+@pytest.mark.parametrize(
+    "sweep", ["table3_sg_puts", "table4_tau_nu", "fig7_tl_tu", "tableS4_estimators", "tableS6_n", "tableS7_puts_ti"]
+)
+def test_the_paper_sweeps_compose_on_the_toy_world(sweep):
+    preset = "toyworld_ti" if sweep == "tableS7_puts_ti" else "toyworld"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiments={preset}", f"sweeps={sweep}"],
+                      return_hydra_config=True)  # fmt: skip
+    assert cfg.model.arch == "toyworld" and cfg.eval.kind == "toyworld" and cfg.hydra.sweeper.params
