@@ -279,10 +279,10 @@ class Scorer(torch.nn.Module):
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> N x 3 x 32 x 32 in [-1, 1] (resized to 32 when they are not)."""
-    arrays = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.float32)
-              for im in images]  # fmt: skip
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    """PIL images -> N x 3 x 32 x 32 in [-1, 1] (resized to 32 when they are not), as `data.to_tensor` reads one."""
+    from zoodip.data import to_tensor
+
+    return torch.stack([to_tensor(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)) for im in images])
 
 
 def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
