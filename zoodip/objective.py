@@ -12,6 +12,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from zoodip.embeddings import load_init_embedding
 from zoodip.errors import ZoodipError
 from zoodip.models import Components
 
@@ -102,9 +103,22 @@ class TextConditioner:
     def dim(self) -> int:
         return self.num_vectors * sum(self.widths)
 
-    def initial_theta(self) -> torch.Tensor:
-        """theta_0: the initializer token's embedding in every placeholder row, as one fp32 vector."""
+    def initial_theta(self, init_embedding: str | None = None) -> torch.Tensor:
+        """theta_0: the initializer token's embedding in every placeholder row, as one fp32 vector; with
+        `init_embedding` (data.init_embedding, a diffusers or A1111 file), that file's rows instead."""
+        if init_embedding:
+            self.use_rows(load_init_embedding(init_embedding, self.widths))
         return torch.cat([e.init_rows.float().cpu().flatten() for e in self.embeddings])
+
+    def use_rows(self, rows: list[torch.Tensor]) -> None:
+        """Start from these (k, d) rows per text encoder instead of the initializer word's."""
+        if any(r.shape[0] != self.num_vectors for r in rows):
+            raise ZoodipError(
+                f"data.init_embedding holds {rows[0].shape[0]} vector(s) per token but data.num_vectors="
+                f"{self.num_vectors}; set data.num_vectors={rows[0].shape[0]}"
+            )
+        for emb, r in zip(self.embeddings, rows, strict=True):
+            emb.init_rows = r.to(emb.init_rows.device, emb.init_rows.dtype)
 
     def split(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """(..., D) -> per encoder (..., k, d_enc)."""
