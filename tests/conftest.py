@@ -51,3 +51,19 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Every tensor of the two modules' state dicts equal (quantized tensors compare their int data and scales)."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> Path:
+    """A finished 50-step ZOODiP run on the toy world's red_circle (about 10 s), made by the real command line."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("toy") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    args = ["experiments=toyworld", "data.subject=red_circle", "model.steps=50", "eval.enabled=false", "logger=none",
+            "train.progress=false", f"hydra.run.dir={folder}"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "zoodip.train", *args], capture_output=True, text=True, env=env,
+                            cwd=folder.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder

@@ -33,17 +33,6 @@ def compose_generate(*overrides: str):
         return compose(config_name="generate", overrides=list(overrides))
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory) -> Path:
-    """A 50-step ZOODiP run on the toy world's red_circle (about 10 s)."""
-    folder = tmp_path_factory.mktemp("toy") / "run"
-    result = zoodip("zoodip.train", "experiments=toyworld", "data.subject=red_circle", "model.steps=50",
-                    "eval.enabled=false", "logger=none", "train.progress=false", f"hydra.run.dir={folder}",
-                    cwd=folder.parent)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    return folder
-
-
 def test_generates_scorable_images_from_a_toyworld_run(toy_run, tmp_path):
     out = tmp_path / "gen"
     result = zoodip("zoodip.generate", f"run_dir={toy_run}", PROMPT, "num_images=4", *FAST, f"hydra.run.dir={out}",

@@ -29,6 +29,7 @@ from zoodip.errors import ZoodipError
 from zoodip.evaluate import build_pipeline, generate, image_grid, is_sdxl, read_embeddings, run_config
 from zoodip.io import atomic_write, check_new_folder, current_umask, new_folder, write_json
 from zoodip.models import resolve_device
+from zoodip.pictures import enlarged
 
 #: Short names for diffusers' schedulers (`scheduler=`); a diffusers class name works too.
 SCHEDULERS = {
@@ -122,12 +123,6 @@ def scheduler_class(name: str | None) -> str | None:
 def load_pipeline(job: Job, device: torch.device) -> DiffusionPipeline:
     """The (quantized) model with the token added to every text encoder by diffusers' load_textual_inversion."""
     return build_pipeline(job.model_cfg, device, job.rows)
-
-
-def enlarged(image: Image.Image, least: int = 128) -> Image.Image:
-    """Small images (the toy world's 32x32) scaled up by a whole factor, pixels kept sharp, to be seen in a grid."""
-    factor = max(1, least // max(image.size))
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
 def write_outputs(folder: Path, images: list[Image.Image], names: list[str], settings: dict[str, Any]) -> None:
