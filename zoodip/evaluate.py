@@ -60,6 +60,7 @@ from zoodip.models import (
     resolve_pretrained,
 )
 from zoodip.objective import TextConditioner
+from zoodip.pictures import first_of_each_prompt, reference_grid
 from zoodip.prompts import eval_prompts, text_prompts
 from zoodip.quantize import quantize_weights
 from zoodip.scoring import (
@@ -416,7 +417,7 @@ def evaluate_run(
     }  # fmt: skip
     names = [f"p{p:02d}_s{s:04d}.png" for p, s in jobs]
     metrics["seconds"] = time.perf_counter() - started
-    write_evaluation(run_dir, names, images, frame, metrics)
+    write_evaluation(run_dir, names, images, frame, metrics, refs)
     log_to_tracker(cfg, run_dir, tracker, metrics, frame, images[:scored], [p for p, _ in jobs[:scored]])
     return metrics
 
@@ -440,15 +441,23 @@ def _protocol(cfg: DictConfig, pipe: DiffusionPipeline, device: torch.device) ->
 
 
 def write_evaluation(
-    run_dir: Path, names: list[str], images: list[Image.Image], frame: pd.DataFrame, metrics: dict[str, Any]
+    run_dir: Path,
+    names: list[str],
+    images: list[Image.Image],
+    frame: pd.DataFrame,
+    metrics: dict[str, Any],
+    references: list[Image.Image] | None = None,
 ) -> None:
-    """<run>/eval/: images/, scores.csv, metrics.json, built in a hidden folder and renamed into place."""
+    """<run>/eval/: images/, scores.csv, metrics.json, grid.png (the references beside the first image of each
+    prompt), built in a hidden folder and renamed into place."""
     staging = Path(tempfile.mkdtemp(prefix=".eval-", dir=run_dir))
     try:
         for name, im in zip(names, images, strict=True):
             atomic_write(staging / "images" / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
         atomic_write(staging / "scores.csv", lambda tmp: frame.to_csv(tmp, index=False))
         write_json(staging / "metrics.json", metrics)
+        grid = reference_grid(references or [], first_of_each_prompt(names, images))
+        atomic_write(staging / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         _replace_dir(staging, run_dir / "eval")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -499,7 +508,7 @@ def evaluate_toyworld(
         "generation_seconds": gen_seconds, **_protocol(cfg, pipe, device),
     }  # fmt: skip
     metrics["seconds"] = time.perf_counter() - started
-    write_evaluation(run_dir, [f"p{p:02d}_s{s:04d}.png" for p, s in jobs], images, frame, metrics)
+    write_evaluation(run_dir, [f"p{p:02d}_s{s:04d}.png" for p, s in jobs], images, frame, metrics, refs)
     log_to_tracker(cfg, run_dir, tracker, metrics, frame, images, [p for p, _ in jobs])
     return metrics
 
