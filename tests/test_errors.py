@@ -48,7 +48,8 @@ def test_t_high_beyond_the_schedule(tmp_path):
 
 
 def test_data_folder_errors(tmp_path):
-    rejects(tmp_path, "data.subject=dog6", match="data.path is not set")
+    rejects(tmp_path, "data.subject=null", match="data.path is not set")
+    rejects(tmp_path, "data.subject=dog6", match="dataset/dog6' is not a folder")  # the default, dataset/<subject>
     rejects(tmp_path, f"data.path={tmp_path / 'nope'}", "data.subject=dog6", match="is not a folder")
     empty = tmp_path / "empty"
     empty.mkdir()

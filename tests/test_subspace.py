@@ -100,3 +100,15 @@ def test_sg_refreshes_every_tau_steps_and_records_istar():
     other.load_state_dict(state)
     g = torch.randn(10)
     assert torch.equal(other.project(g), sg.project(g))
+
+
+def test_projector_is_row_major_so_a_reloaded_one_projects_bit_for_bit():
+    """LAPACK returns V^T column-major; a projector with those strides made BLAS sum Eq. 8 in another order than
+    the same projector reloaded from a checkpoint, so a resumed run drifted (found by the resume test)."""
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randn(4, 768, generator=g)
+    projector, _ = subspace_projector(buffer, 0.3)
+    assert projector.shape[0] >= 1 and projector.stride() == (projector.shape[1], 1)
+    reloaded = projector.clone().contiguous()
+    grad = torch.randn(768, generator=g)
+    assert torch.equal(project_out(grad, projector), project_out(grad, reloaded))

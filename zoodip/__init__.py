@@ -22,7 +22,13 @@ def sweep_group(name: str) -> str:
     return f"{name}-{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
+def subject_folder(dataset_dir: str, subject: str | None) -> str | None:
+    """data.path's default: <dataset_dir>/<subject> (the DreamBooth layout), or unset without a subject."""
+    return f"{dataset_dir}/{subject}" if subject else None
+
+
 # `${zoodip_root:}` in the configs, so every command works from any working directory.
 if not OmegaConf.has_resolver("zoodip_root"):
     OmegaConf.register_new_resolver("zoodip_root", lambda: str(ROOT))
     OmegaConf.register_new_resolver("zoodip_group", sweep_group)
+    OmegaConf.register_new_resolver("zoodip_subject_folder", subject_folder)

@@ -41,7 +41,11 @@ class Method(NamedTuple):
     batched: bool = False  # the n+1 evaluations as one batched forward
     fast_cpu_int8: bool = True  # zoodip's CPU INT8 kernels (False: quanto's own)
     compile: str | None = None  # torch.compile mode; "auto": reduce-overhead (CUDA graphs) on CUDA, default on CPU
+    others: str | None = None  # weights of VAE and text encoder(s) (None: as `weights`)
 
+
+#: First-order TI as training composes it (experiments=ti): its optimizer, no SG, uniform timesteps.
+TI_TRAIN = ("optimizer=adamw", "sg=off", "puts=uniform")
 
 METHODS: dict[str, Method] = {
     "zoodip": Method("int8", "half", "rge"),
@@ -50,11 +54,32 @@ METHODS: dict[str, Method] = {
     "zoodip_compile": Method("int8", "half", "rge", compile="auto"),  # as train.compile
     "zoodip_quanto": Method("int8", "half", "rge", fast_cpu_int8=False),  # quanto's CPU kernels, for comparison
     "zoodip_fp32": Method("int8", "fp32", "rge"),  # training's CPU default activations
-    "zoodip_int4": Method("int4", "bf16", "rge"),
+    "zoodip_int4": Method("int4", "bf16", "rge", others="int8"),  # as quantization=int4: only the UNet INT4
     "zoodip_fp16": Method("none", "half", "rge"),  # unquantized, forward-only
     "ti": Method("none", "fp32", "backprop", n=1),
     "dreambooth": Method("none", "fp32", "dreambooth", n=1),
 }
+
+
+def train_config(arch: str, kind: str, n: int, batched: bool) -> DictConfig:
+    """zoodip-train's own config for a bench method: the model's paper defaults (mu, lr, T_L, T_U), the
+    estimator, SG and optimizer exactly as a training run composes them."""
+    from hydra import compose, initialize_config_dir
+
+    extra = [f"estimator={kind}", *TI_TRAIN] if kind == "backprop" else [f"estimator.n={n}"]
+    overrides = [f"model={arch}", "logger=none", f"estimator.batched={str(batched).lower()}", *extra]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+class RandomLatents:
+    """The bench's stand-in for reference images: a fresh random latent and one template per step."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+        return torch.randn(self.shape, generator=generator), "a photo of {}"
 
 
 #: Every result carries these keys (None where a failed method never measured them).
@@ -122,12 +147,14 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     if method == CRASH_METHOD:
         raise RuntimeError("crash_for_test: an injected failure")
     check_methods([method])
-    from zoodip.estimators import estimate
+    from zoodip.methods import build_method
     from zoodip.models import load_components, resolve_device, resolve_dtype, set_cpu_memory
     from zoodip.objective import Objective, TextConditioner
-    from zoodip.quantize import forward_mode, quantized_fraction
+    from zoodip.quantize import quantized_fraction
+    from zoodip.timesteps import TimestepSampler
+    from zoodip.train import training_step
 
-    weights, act, kind, n, batched, fast, compile_mode = METHODS[method]
+    weights, act, kind, n, batched, fast, compile_mode, others = METHODS[method]
     device = resolve_device(spec["device"], "bench.device")
     cuda = device.type == "cuda"
     note = None
@@ -140,7 +167,8 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     if not cuda:
         set_cpu_memory(spec["cpu_memory"], "bench.cpu_memory")
     baseline = rss_high_water()  # the interpreter, torch and the libraries: before any weight exists
-    parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"], fast_cpu_int8=fast)
+    parts = load_components(spec["arch"], "random", None, dtype, device, weights, seed=spec["seed"],
+                            fast_cpu_int8=fast, others=others)  # fmt: skip
     text = TextConditioner(parts, "<bench>", "dog", 1)
     res = spec["resolution"]
     latent = (1, parts.unet.config.in_channels, res // 8, res // 8)
@@ -162,29 +190,29 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     objective = Objective(parts, text, batched=batched, max_batch=8, compile_mode=compile_mode)
     theta = torch.nn.Parameter(text.initial_theta())
-    if kind == "dreambooth":
+    g = torch.Generator().manual_seed(spec["seed"])
+    if kind == "dreambooth":  # not a token method (no registry entry): AdamW on the whole UNet, for Table 1
         parts.unet.requires_grad_(True).train()
         optimizer = torch.optim.AdamW(parts.unet.parameters(), lr=5e-6)
-    else:
-        optimizer = torch.optim.Adam([theta], lr=5e-3)
-    g = torch.Generator().manual_seed(spec["seed"])
 
-    def step(i: int) -> None:
-        z0, noise = torch.randn(latent, generator=g), torch.randn(latent, generator=g)
-        t = int(torch.randint(500, 900, (1,), generator=g))
-        if kind == "dreambooth":
+        def step(i: int) -> None:
+            z0, noise = torch.randn(latent, generator=g), torch.randn(latent, generator=g)
             with torch.no_grad():
-                objective.set_sample(z0, noise, t, "a photo of {}")
-            loss = objective.losses(theta.detach()[None]).mean()
-            loss.backward()
-        else:
-            context = torch.enable_grad() if kind == "backprop" else forward_mode(weights)
-            with context:
-                objective.set_sample(z0, noise, t, "a photo of {}")
-                est = estimate(kind, objective.losses, theta.detach(), n, 1e-3, spec["seed"], i)
-            theta.grad = est.grad
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                objective.set_sample(z0, noise, int(torch.randint(0, 1000, (1,), generator=g)), "a photo of {}")
+            objective.losses(theta.detach()[None]).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    else:  # exactly zoodip-train's step: the registry's method and train.training_step
+        cfg = train_config(spec["arch"], kind, n, batched)
+        method = build_method(cfg, theta, [e.weight for e in text.embeddings], 1)
+        sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
+        data = RandomLatents(latent)
+        result["hyperparameters"] = {"mu": float(cfg.estimator.mu), "lr": float(cfg.optimizer.lr),
+                                     "optimizer": cfg.optimizer.name, "puts": cfg.puts.kind}  # fmt: skip
+
+        def step(i: int) -> None:
+            training_step(method, objective, data, sampler, g, i, weights)
 
     times = []
     for i in range(spec["warmup"] + spec["steps"]):

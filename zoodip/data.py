@@ -270,6 +270,34 @@ def load_captions(
     return [captions[n] for n in names]
 
 
+def read_caption_files(folder: str | Path, names: list[str], placeholder: str) -> list[str] | None:
+    """Per-image caption files, the kohya / diffusers habit: `<image stem>.txt` beside each image, one caption
+    with "{}" (or the placeholder itself, e.g. "<dog6>") where the token goes. None when the folder has none;
+    a folder where some images have one and others not is a ZoodipError naming the first without."""
+    folder = Path(folder).expanduser()
+    files = [folder / f"{Path(n).stem}.txt" for n in names]
+    present = [f.is_file() for f in files]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = names[present.index(False)]
+        raise ZoodipError(f"{shown(missing)} in data.path has no caption file {Path(missing).stem}.txt beside it, "
+                          "but other images have one: give every image a caption, or none")  # fmt: skip
+    captions = []
+    for file in files:
+        try:
+            text = " ".join(file.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as err:
+            raise ZoodipError(f"caption file {file} is not readable UTF-8 text ({err})") from None
+        if "{}" not in text and placeholder in text:
+            text = text.replace("{", "{{").replace("}", "}}").replace(placeholder, "{}", 1)
+        problem = _slot_problem(text)
+        if problem:
+            raise ZoodipError(f"caption file {file}: {text[:60]!r} {problem}; write '{{}}' or {placeholder} once")
+        captions.append(text)
+    return captions
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of q(z|x) for each image, times the VAE's scaling factor (encoded once, one image at a time)."""
@@ -293,11 +321,17 @@ class Reference:
     mean: torch.Tensor  # (N, C, h, w)
     std: torch.Tensor
     prompts: list[list[str]]  # per image: its caption, or the templates, each with "{}" for the placeholder
+    flipped: tuple[torch.Tensor, torch.Tensor] | None = None  # mean and std of the mirrored images
+    flip_p: float = 0.0
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-        """z ~ E(x) for a random reference image x, and a prompt for it."""
+        """z ~ E(x) for a random reference image x (mirrored with probability flip_p), and a prompt for it."""
         i = int(torch.randint(len(self.mean), (1,), generator=generator))
         options = self.prompts[i]
         prompt = options[int(torch.randint(len(options), (1,), generator=generator))]
-        noise = torch.randn(self.mean[i : i + 1].shape, generator=generator)
-        return self.mean[i : i + 1] + self.std[i : i + 1] * noise, prompt
+        mean, std = self.mean, self.std
+        # flip_p = 0 draws nothing, so runs without flips keep the random stream they always had.
+        if self.flip_p > 0 and float(torch.rand((), generator=generator)) < self.flip_p:
+            mean, std = self.flipped
+        noise = torch.randn(mean[i : i + 1].shape, generator=generator)
+        return mean[i : i + 1] + std[i : i + 1] * noise, prompt

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-ESTIMATORS = ("rge", "spsa", "one_point", "backprop")
 
 
 @dataclass
@@ -86,9 +85,6 @@ def backprop(loss_fn: LossFn, theta: torch.Tensor) -> Estimate:
     return Estimate(grad.detach().float().cpu(), loss.item(), loss[None], 1)
 
 
-def estimate(name: str, loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, base_seed: int, step: int) -> Estimate:
-    """Dispatch by `estimator` config name."""
-    if name == "backprop":
-        return backprop(loss_fn, theta)
-    seeds = direction_seeds(base_seed, step, n + 1)
-    return {"rge": rge, "spsa": spsa, "one_point": one_point}[name](loss_fn, theta, n, mu, seeds)
+#: The zeroth-order estimators by `estimator` config name (backprop is the first-order one); zoodip/methods.py
+#: turns each into a registry entry.
+GRADIENT_ESTIMATORS = {"rge": rge, "spsa": spsa, "one_point": one_point}

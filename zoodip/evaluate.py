@@ -256,9 +256,14 @@ def build_pipeline(
     `eval.model` names a diffusers folder or hub id (then loaded unquantized). With `embeddings` (per text encoder,
     from `read_embeddings`), the learned token is added with diffusers' load_textual_inversion."""
     m, ev = cfg.model, cfg.eval
-    init, path, quant = ("pretrained", ev.model, "none") if ev.model else (m.init, m.path, cfg.quantization.weights)
+    q = cfg.quantization
+    init, path, quant, others = (
+        ("pretrained", ev.model, "none", "none")
+        if ev.model
+        else (m.init, m.path, q.weights, q.get("others", q.weights))
+    )
     dtype = resolve_dtype(m.dtype, device)
-    parts = load_components(m.arch, init, path, dtype, device, quant, seed=int(m.seed))
+    parts = load_components(m.arch, init, path, dtype, device, quant, seed=int(m.seed), others=others)
     folder = resolve_pretrained(path, parts.is_sdxl) if init == "pretrained" else None
     pipe = assemble_pipeline(parts, parts.vae, inference_scheduler(ev.scheduler, folder, parts.scheduler))
     if embeddings is not None:

@@ -329,9 +329,13 @@ def load_components(
     quantization: str,
     seed: int = 0,
     fast_cpu_int8: bool = True,
+    others: str | None = None,
 ) -> Components:
     """Load every component, quantizing each right after it is loaded (never two full-precision copies; the
-    UNet is built quantized block by block). On the CPU, INT8 layers run through `use_fast_cpu_int8`."""
+    UNet is built quantized block by block). `quantization` is the UNet's weight type and `others` that of the
+    VAE and text encoder(s) (default: the same; INT4 keeps them INT8, paper S3.2 / Table S8). On the CPU, INT8
+    layers run through `use_fast_cpu_int8`."""
+    others = others or quantization
     sdxl = (arch_dir(arch) / "text_encoder_2").is_dir()
     if init == "random":
         source = f"random:{arch}:seed{seed}"
@@ -357,9 +361,10 @@ def load_components(
     try:
         for name, module in parts:
             module.requires_grad_(False).eval()
+            weights = quantization if name == "unet" else others
             if count_quantized(module)[0] == 0:  # the UNet comes built quantized
-                quantize_weights(module, quantization)
-            if fast_cpu_int8 and quantization == "int8" and device.type == "cpu":
+                quantize_weights(module, weights)
+            if fast_cpu_int8 and weights == "int8" and device.type == "cpu":
                 use_fast_cpu_int8(module)
             modules[name] = module.to(device)
             gc.collect()

@@ -39,15 +39,20 @@ class PlantedTask:
         return self.latents[i : i + 1], prompt
 
     def set_target(self, objective: Objective) -> None:
-        """After `objective.set_sample`: regress onto eps_phi(z_t, t, c(theta*)) instead of the noise."""
+        """After `objective.set_sample`: regress onto eps_phi(z_t, t, c(theta*)) instead of the noise. The task's
+        own forward pass, not the method's: it is left out of `forward_passes`."""
+        passes = objective.forward_passes
         objective.target = objective.predict(self.theta_star[None]).float()
+        objective.forward_passes = passes
 
     def eval_loss(self, objective: Objective, theta: torch.Tensor) -> float:
-        total = 0.0
+        """The loss at the fixed evaluation points (not counted in `forward_passes`)."""
+        passes, total = objective.forward_passes, 0.0
         for z0, noise, t, prompt in self.eval_set:
             objective.set_sample(z0, noise, t, prompt)
             self.set_target(objective)
             total += float(objective.losses(theta[None])[0])
+        objective.forward_passes = passes
         return total / len(self.eval_set)
 
     def cosine(self, theta: torch.Tensor) -> float:

@@ -132,6 +132,24 @@ def quantized_fraction(modules: list[torch.nn.Module]) -> float:
     return sum(q for q, _ in counts) / total if total else 0.0
 
 
+def weight_type(module: torch.nn.Module) -> str:
+    """int8 / int4 / none: the weight type of a loaded component's quantized layers."""
+    from optimum.quanto.nn import QModuleMixin
+
+    for layer in module.modules():
+        if isinstance(layer, QModuleMixin) and layer.weight_qtype is not None:
+            return {"qint8": "int8", "qint4": "int4"}.get(layer.weight_qtype.name, layer.weight_qtype.name)
+    return "none"
+
+
+def weights_by_component(parts) -> dict[str, str]:
+    """metrics.json's `weights_by_component`, e.g. {unet: int4, text_encoder: int8, vae: int8} (paper Table S8)."""
+    named = {"unet": parts.unet, **({"vae": parts.vae} if parts.vae is not None else {})}
+    for i, encoder in enumerate(parts.text_encoders):
+        named["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+    return {name: weight_type(module) for name, module in named.items()}
+
+
 def forward_mode(quantization: str) -> contextlib.AbstractContextManager:
     """No-autograd context for zeroth-order forwards.
 

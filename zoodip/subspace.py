@@ -26,7 +26,10 @@ def subspace_projector(buffer: torch.Tensor, nu: float) -> tuple[torch.Tensor, i
     ratio = torch.cumsum(lam, 0) / total
     above = torch.nonzero(ratio > 1 - nu)
     istar = int(above[0]) + 1 if len(above) else len(lam)
-    return vh[istar:].to(buffer.dtype), istar
+    rows = vh[istar:]
+    # Fresh row-major storage: LAPACK hands V^T back column-major, and a projector with other strides makes BLAS
+    # sum Eq. 8's products in another order than the same projector reloaded from a checkpoint (resume not exact).
+    return torch.empty(rows.shape, dtype=buffer.dtype).copy_(rows), istar
 
 
 def project_out(grad: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,15 @@ from zoodip.data import (
     default_initializer,
     encode_latents,
     load_captions,
+    read_caption_files,
     read_reference_images,
 )
+from zoodip.embeddings import write_run_sdxl_embedding
 from zoodip.errors import EXIT_USAGE, ZoodipError
-from zoodip.estimators import ESTIMATORS, estimate
+from zoodip.estimators import LossFn
 from zoodip.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
 from zoodip.io import atomic_write, read_json, write_json
+from zoodip.methods import CMAES, METHODS, GradientMethod, StepResult, build_method, method_name
 from zoodip.models import (
     check_cpu_memory,
     load_components,
@@ -41,9 +46,9 @@ from zoodip.models import (
     set_cpu_memory,
 )
 from zoodip.objective import Objective, TextConditioner, check_compile
+from zoodip.pictures import write_run_pictures
 from zoodip.planted import PlantedTask
-from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction
-from zoodip.subspace import SubspaceGradient
+from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction, weights_by_component
 from zoodip.timesteps import SAMPLERS, TimestepSampler
 from zoodip.tracking import Tracker
 
@@ -53,14 +58,15 @@ log = logging.getLogger("zoodip.train")
 def validate(cfg: DictConfig) -> None:
     """Reject bad settings before anything heavy is loaded: one sentence naming the key and the fix."""
     est, sg, puts, opt = cfg.estimator, cfg.sg, cfg.puts, cfg.optimizer
+    name = method_name(cfg)
     checks = [
-        (est.name in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}, got {est.name!r}"),
+        (name in METHODS, f"method must be one of {', '.join(METHODS)}, got {name!r}"),
         (isinstance(est.n, int) and est.n >= 1, f"estimator.n must be an integer >= 1, got {est.n!r}"),
         (float(est.mu) > 0, f"estimator.mu must be > 0, got {est.mu!r}"),
         (isinstance(sg.tau, int) and sg.tau >= 2, f"sg.tau must be an integer >= 2, got {sg.tau!r}"),
         (0 < float(sg.nu) < 1, f"sg.nu must be in (0, 1), got {sg.nu!r}"),
         (puts.kind in SAMPLERS, f"puts must be one of {', '.join(SAMPLERS)}, got {puts.kind!r}"),
-        (opt.name in ("adam", "sgd"), f"optimizer.name must be adam or sgd, got {opt.name!r}"),
+        (opt.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}"),
         (float(opt.lr) > 0, f"optimizer.lr must be > 0, got {opt.lr!r}"),
         (
             isinstance(cfg.train.steps, int) and cfg.train.steps >= 1,
@@ -72,12 +78,26 @@ def validate(cfg: DictConfig) -> None:
             cfg.data.template in TEMPLATES,
             f"data.template must be one of {', '.join(TEMPLATES)}, got {cfg.data.template!r}",
         ),
+        (0 <= float(cfg.data.flip_p) <= 1, f"data.flip_p must be in [0, 1], got {cfg.data.flip_p!r}"),
         (
-            est.name != "backprop" or cfg.quantization.weights == "none",
+            not METHODS.get(name, METHODS["rge"]).autograd or cfg.quantization.weights == "none",
             "estimator=backprop is the first-order TI baseline through an unquantized model: "
             "add quantization=none (or use experiments=ti)",
         ),
     ]
+    if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
+        raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
+    if name == "gfti":
+        m = cfg.method
+        checks += [
+            (isinstance(m.population, int) and m.population >= 2,
+             f"method.population must be >= 2, got {m.population!r}"),
+            (isinstance(m.intrinsic_dim, int) and m.intrinsic_dim >= 1,
+             f"method.intrinsic_dim must be an integer >= 1, got {m.intrinsic_dim!r}"),
+            (float(m.sigma) > 0 and float(m.alpha) > 0, "method.sigma and method.alpha must be > 0"),
+            (not cfg.train.checkpoint_every,
+             "method=gfti cannot checkpoint (the cma package's state is only picklable): set train.checkpoint_every=0"),
+        ]  # fmt: skip
     if puts.kind == "puts":
         low, high = puts.t_low, puts.t_high
         checks.append((isinstance(low, int) and isinstance(high, int), "puts.t_low and puts.t_high must be integers"))
@@ -103,16 +123,7 @@ def save_embeddings(run_dir: Path, text: TextConditioner, theta: torch.Tensor) -
         name = "learned_embeds.safetensors" if i == 0 else f"learned_embeds_{i + 1}.safetensors"
         tensors = {text.placeholder: rows.contiguous()}
         atomic_write(run_dir / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
-
-
-def make_optimizer(cfg: DictConfig, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
-    """ZO-Adam / ZO-SGD: torch's own optimizers fed the estimated gradient through `.grad`."""
-    o = cfg.optimizer
-    if o.name == "adam":
-        return torch.optim.Adam(
-            [theta], lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
-        )
-    return torch.optim.SGD([theta], lr=float(o.lr), momentum=float(o.momentum), weight_decay=float(o.weight_decay))
+    write_run_sdxl_embedding(run_dir)  # SDXL: also the one-file clip_l / clip_g layout of A1111 and ComfyUI
 
 
 def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -136,59 +147,74 @@ def window_mean(values: list[float], first: bool) -> float:
     return sum(chunk) / len(chunk)
 
 
-def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
-    """Algorithm 1 of the paper, with resumable state. Returns the metrics written to metrics.json."""
-    validate(cfg)
-    device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    quant = cfg.quantization.weights
-    if device.type == "cpu":
-        set_cpu_memory(cfg.train.cpu_memory)
-    data_cfg = cfg.data
-    if data_cfg.kind == "dreambooth":  # read the images before loading a multi-GB model
-        refs = read_reference_images(data_cfg.path, int(data_cfg.resolution))  # oriented, cropped, resized
-        sheet = image_grid(refs.images, cols=min(5, len(refs.images)))  # exactly what the model is trained on
-        atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
-        images, names = refs.tensor(), refs.names
-        captions = load_captions(data_cfg.captions, data_cfg.subject, names, refs.entries)
-    initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
+@dataclass
+class Setup:
+    """Everything the loop needs, built once by `setup`."""
 
-    log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
-    parts = load_components(
-        cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant, seed=int(cfg.model.seed)
+    parts: Any
+    text: TextConditioner
+    sampler: TimestepSampler
+    data: Reference | PlantedTask
+    objective: Objective
+    theta: torch.nn.Parameter
+    method: GradientMethod | CMAES
+    validator: Validator | None
+    initializer: str
+    quantized_fraction: float
+    weights_by_component: dict[str, str]
+
+
+def load_training_data(cfg: DictConfig, run_dir: Path) -> tuple[torch.Tensor, list[str], list[str] | None]:
+    """The reference images (oriented, cropped, resized: read before a multi-GB model is loaded), their names and
+    captions; references.png shows exactly what the model is trained on."""
+    d = cfg.data
+    refs = read_reference_images(d.path, int(d.resolution))
+    sheet = image_grid(refs.images, cols=min(5, len(refs.images)))
+    atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    captions = load_captions(d.captions, d.subject, refs.names, refs.entries) or read_caption_files(
+        d.path, refs.names, d.placeholder_token
     )
+    if captions is None and d.template != "style":
+        log.warning(
+            "training on the %r templates, not captions: the paper trains ZOODiP on comprehensive captions (S1.1); "
+            "set data.captions=<captions.json> or put <image>.txt beside each image",
+            d.template,
+        )
+    return refs.tensor(), refs.names, captions
+
+
+def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
+    """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method."""
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    quant, data_cfg = cfg.quantization.weights, cfg.data
+    if data_cfg.kind == "dreambooth":
+        images, names, captions = load_training_data(cfg, run_dir)
+    initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
+    log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
+    parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
+                            seed=int(cfg.model.seed), others=cfg.quantization.others)  # fmt: skip
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
         raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
-    frac = quantized_fraction(parts.text_encoders + [parts.unet] + ([parts.vae] if parts.vae is not None else []))
+    components = parts.text_encoders + [parts.unet] + ([parts.vae] if parts.vae is not None else [])
+    frac, weight_types = quantized_fraction(components), weights_by_component(parts)
 
     text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
     sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
-    theta0 = text.initial_theta()
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for every SD
-    latent_shape = (
-        parts.unet.config.in_channels,
-        int(data_cfg.resolution) // factor,
-        int(data_cfg.resolution) // factor,
-    )
-
-    planted = None
+    theta0 = text.initial_theta(data_cfg.get("init_embedding"))
     if data_cfg.kind == "dreambooth":
         mean, std = encode_latents(parts.vae, images, device)
-        templates = TEMPLATES[data_cfg.template]
-        data = Reference(mean, std, [[c] for c in captions] if captions else [templates] * len(names))
+        prompts = [[c] for c in captions] if captions else [TEMPLATES[data_cfg.template]] * len(names)
+        flip_p = float(data_cfg.flip_p)  # the official code's default augmentation (the paper is silent)
+        flipped = encode_latents(parts.vae, images.flip(-1), device) if flip_p > 0 else None
+        data = Reference(mean, std, prompts, flipped, flip_p)
     else:
-        planted = PlantedTask(
-            theta0,
-            latent_shape,
-            rank=int(data_cfg.planted_rank),
-            scale=float(data_cfg.planted_scale),
-            num_images=int(data_cfg.num_images),
-            eval_points=int(data_cfg.eval_points),
-            seed=int(data_cfg.seed),
-            sample_timestep=sampler,
-        )
-        data = planted
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for every SD
+        side = int(data_cfg.resolution) // factor
+        data = PlantedTask(theta0, (parts.unet.config.in_channels, side, side), rank=int(data_cfg.planted_rank),
+                           scale=float(data_cfg.planted_scale), num_images=int(data_cfg.num_images),
+                           eval_points=int(data_cfg.eval_points), seed=int(data_cfg.seed),
+                           sample_timestep=sampler)  # fmt: skip
     parts.release_vae()  # reference latents are encoded: training holds no VAE
 
     validator = Validator(cfg, parts, text) if int(cfg.eval.every) > 0 else None
@@ -198,11 +224,67 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         parts, text, bool(cfg.estimator.batched), int(cfg.estimator.max_batch), cfg.train.compile or None
     )
     theta = torch.nn.Parameter(theta0.clone())
-    optimizer = make_optimizer(cfg, theta)
-    sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
+    tables = [e.weight for e in text.embeddings]
+    method = build_method(cfg, theta, tables, int(data_cfg.num_vectors))
+    return Setup(parts, text, sampler, data, objective, theta, method, validator, initializer, frac, weight_types)
+
+
+def per_candidate_losses(objective: Objective, data: Reference | PlantedTask, generator: torch.Generator,
+                         t: int) -> LossFn:  # fmt: skip
+    """Each candidate at its own latent, noise and prompt, the timestep shared (GF-TI's own code; CMAES with
+    method.shared_sample=false)."""
+
+    def losses(thetas: torch.Tensor) -> torch.Tensor:
+        out = []
+        for theta in thetas:
+            z0, prompt = data.sample(generator)
+            objective.set_sample(z0, torch.randn(z0.shape, generator=generator), t, prompt)
+            if isinstance(data, PlantedTask):
+                with torch.no_grad():
+                    data.set_target(objective)
+            out.append(objective.losses(theta[None]))
+        return torch.cat(out)
+
+    return losses
+
+
+def training_step(method: GradientMethod | CMAES, objective: Objective, data: Reference | PlantedTask | Any,
+                  sampler: TimestepSampler, generator: torch.Generator, step: int,
+                  quant: str) -> tuple[StepResult, int]:  # fmt: skip
+    """One iteration of Algorithm 1 (zoodip-bench times this same function): draw (z, y) from the references,
+    t from the sampler (PUTS, Eq. 9), eps ~ N(0, I), shared by every loss of the step (common random numbers);
+    then the method's update of theta."""
+    z0, prompt = data.sample(generator)
+    t = sampler(generator)
+    noise = torch.randn(z0.shape, generator=generator)
+
+    def context() -> contextlib.AbstractContextManager:
+        return torch.enable_grad() if method.autograd else forward_mode(quant)
+
+    with context():
+        objective.set_sample(z0, noise, t, prompt)
+        if isinstance(data, PlantedTask):  # a constant: no_grad, not inference_mode, since backprop's loss saves it
+            with torch.no_grad():
+                data.set_target(objective)
+    losses = objective.losses if method.shared_sample else per_candidate_losses(objective, data, generator, t)
+
+    def loss_fn(thetas: torch.Tensor) -> torch.Tensor:  # the model's forwards only: the update runs outside
+        with context():
+            return losses(thetas)
+
+    return method.step(loss_fn, step), t
+
+
+def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    """Algorithm 1 of the paper, with resumable state. Returns the metrics written to metrics.json."""
+    validate(cfg)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        set_cpu_memory(cfg.train.cpu_memory)
+    s = setup(cfg, run_dir, device)
+    quant, theta, method, objective = cfg.quantization.weights, s.theta, s.method, s.objective
+    planted = s.data if isinstance(s.data, PlantedTask) else None
     generator = torch.Generator().manual_seed(int(cfg.train.seed))
-    est_name = cfg.estimator.name
-    zo_context = (lambda: torch.enable_grad()) if est_name == "backprop" else (lambda: forward_mode(quant))
 
     history: list[dict[str, Any]] = []
     start, nonfinite, wall_before, initial_eval = 0, 0, 0.0, None
@@ -215,9 +297,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             )
         with torch.no_grad():
             theta.copy_(state.theta)
-        optimizer.load_state_dict(state.optimizer)
-        if sg is not None and state.sg is not None:
-            sg.load_state_dict(state.sg)
+        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg})
         generator.set_state(state.generator)
         history, start, nonfinite = state.history, state.step, state.nonfinite
         wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
@@ -225,14 +305,14 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         log.info("resumed from %s at step %d", checkpoint, start)
     if planted is not None and initial_eval is None:
         with forward_mode(quant):
-            initial_eval = planted.eval_loss(objective, theta0)
+            initial_eval = planted.eval_loss(objective, planted.theta0)
 
     def write_checkpoint(step: int, wall: float) -> None:
+        method_state = method.state_dict()
         state = TrainState(
-            step=step, theta=theta.detach(), optimizer=optimizer.state_dict(),
-            sg=sg.state_dict() if sg is not None else None, generator=generator.get_state(),
-            history=history, nonfinite=nonfinite, wall_seconds=wall, initial_eval_loss=initial_eval,
-            forward_passes=objective.forward_passes,
+            step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
+            generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
+            initial_eval_loss=initial_eval, forward_passes=objective.forward_passes,
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
@@ -241,70 +321,37 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="zoodip", disable=not cfg.train.progress,
                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)  # fmt: skip
     for step in bar:
-        # One sample per step, shared by every evaluation of the step (common random numbers).
-        z0, prompt = data.sample(generator)
-        t = sampler(generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        with zo_context():
-            objective.set_sample(z0, noise, t, prompt)
-            if planted is not None:  # a constant: no_grad, not inference_mode, since backprop's loss saves it
-                with torch.no_grad():
-                    planted.set_target(objective)
-            est = estimate(est_name, objective.losses, theta.detach(), int(cfg.estimator.n), float(cfg.estimator.mu),
-                           int(cfg.train.seed), step)  # fmt: skip
-        grad = sg.project(est.grad) if sg is not None else est.grad
-        finite = math.isfinite(est.loss) and bool(torch.isfinite(est.losses).all()) and bool(torch.isfinite(grad).all())
-        if finite:
-            theta.grad = grad.to(theta.dtype)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant)
+        if not result.finite:
             nonfinite += 1
             if nonfinite > int(cfg.train.max_nonfinite):
                 raise FloatingPointError(
                     f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
                 )
-        istar = sg.observe(theta, step) if sg is not None else None
-
-        row = {"step": step, "loss": est.loss if finite else float("nan"), "timestep": t,
-               "grad_norm": float(est.grad.norm()), "projected_grad_norm": float(grad.norm()),
-               "token_norm": float(theta.detach().norm()), "lr": optimizer.param_groups[0]["lr"],
-               "peak_memory_bytes": peak_memory_bytes(device)}  # fmt: skip
-        if istar is not None:
-            row["sg_istar_over_tau"] = istar / sg.tau
-        if step % int(cfg.train.log_every) == 0 or istar is not None or step == steps:
+        row = {"step": step, "loss": result.loss if result.finite else float("nan"), "timestep": t, **result.log,
+               "token_norm": float(theta.detach().norm()), "peak_memory_bytes": peak_memory_bytes(device)}  # fmt: skip
+        refreshed = "sg_istar_over_tau" in row
+        if step % int(cfg.train.log_every) == 0 or refreshed or step == steps:
             history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if validator is not None and step % int(cfg.eval.every) == 0:  # a few images and CLIP-I, to watch
-            val = validator(theta.detach())
+        if s.validator is not None and step % int(cfg.eval.every) == 0:  # a few images and a score, to watch
+            val = s.validator(theta.detach())
             tracker.log(val.metrics, step=step)
             tracker.log_images("val/images", val.images, val.captions, step=step)
         if cfg.train.progress:
             bar.set_postfix(loss=f"{row['loss']:.4g}", mem=f"{row['peak_memory_bytes'] / 2**30:.2f}G", refresh=False)
         elapsed = wall_before + time.perf_counter() - t_start
         if cfg.train.save_every and step % int(cfg.train.save_every) == 0:
-            save_embeddings(run_dir, text, theta)
+            save_embeddings(run_dir, s.text, theta)
         if cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
     bar.close()
     session_seconds = time.perf_counter() - t_start
-    wall = wall_before + session_seconds
-
-    save_embeddings(run_dir, text, theta)
+    save_embeddings(run_dir, s.text, theta)
     write_history(run_dir, history)
-    losses = [r["loss"] for r in history]
-    ratios = [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r]
-    metrics: dict[str, Any] = {
-        "status": "completed", "error": None, "steps": steps, "resumed_from_step": start or None,
-        "initial_loss": window_mean(losses, first=True), "final_loss": window_mean(losses, first=False),
-        "wall_seconds": wall, "iters_per_second": (steps - start) / session_seconds if session_seconds > 0 else None,
-        "forward_passes": objective.forward_passes, "forward_passes_per_step": objective.forward_passes / max(1, steps),
-        "peak_memory_bytes": peak_memory_bytes(device), "quantized_fraction": frac, "nonfinite_steps": nonfinite,
-        "sg_istar_over_tau": ratios, "sg_istar_over_tau_mean": sum(ratios) / len(ratios) if ratios else None,
-        "token_dim": theta.numel(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "model_source": parts.source, "placeholder_token": text.placeholder, "initializer_token": initializer,
-    }  # fmt: skip
+    write_run_pictures(run_dir, history, [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r], tracker)
+    metrics = summarize(cfg, s, history, start, nonfinite, wall_before + session_seconds, session_seconds, device)
     if planted is not None:
         with forward_mode(quant):
             final_eval = planted.eval_loss(objective, theta.detach())
@@ -312,6 +359,27 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
                        loss_ratio=final_eval / initial_eval if initial_eval else None,
                        planted_cosine=planted.cosine(theta.detach()))  # fmt: skip
     return metrics
+
+
+def summarize(cfg: DictConfig, s: Setup, history: list[dict[str, Any]], start: int, nonfinite: int, wall: float,
+              session_seconds: float, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """metrics.json's training fields."""
+    steps = int(cfg.train.steps)
+    losses = [r["loss"] for r in history]
+    ratios = [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r]
+    passes = s.objective.forward_passes
+    return {
+        "status": "completed", "error": None, "method": method_name(cfg), "steps": steps,
+        "resumed_from_step": start or None,
+        "initial_loss": window_mean(losses, first=True), "final_loss": window_mean(losses, first=False),
+        "wall_seconds": wall, "iters_per_second": (steps - start) / session_seconds if session_seconds > 0 else None,
+        "forward_passes": passes, "forward_passes_per_step": passes / max(1, steps),
+        "peak_memory_bytes": peak_memory_bytes(device), "quantized_fraction": s.quantized_fraction,
+        "weights_by_component": s.weights_by_component, "nonfinite_steps": nonfinite,
+        "sg_istar_over_tau": ratios, "sg_istar_over_tau_mean": sum(ratios) / len(ratios) if ratios else None,
+        "token_dim": s.theta.numel(), "device": str(device), "dtype": str(s.parts.dtype).removeprefix("torch."),
+        "model_source": s.parts.source, "placeholder_token": s.text.placeholder, "initializer_token": s.initializer,
+    }  # fmt: skip
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -1,0 +1,213 @@
+"""The method registry: one entry per way of learning the token. zoodip-train, its config check and zoodip-bench
+all read `METHODS`.
+
+A method turns `loss_fn` (a batch of candidate tokens (m, D) -> their losses (m,), all at one step's sample) into
+an update of theta, in place. Two kinds:
+
+* `GradientMethod`: Algorithm 1, lines 4-11. A gradient estimate (RGE Eq. 3, SPSA S11, one-point S12, or the
+  exact gradient by backprop: first-order TI), projected by Subspace Gradient (Eq. 8), fed to a torch optimizer;
+  the updated token goes into SG's buffer (Algorithm 2).
+* `CMAES`: Gradient-Free Textual Inversion (GF-TI, paper S1.5 and Table 1): CMA-ES from the `cma` package over
+  a d_i-dimensional subspace of the token space; theta is the search distribution's mean mapped back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from zoodip.errors import ZoodipError
+from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds
+from zoodip.subspace import SubspaceGradient
+
+log = logging.getLogger("zoodip.methods")
+
+
+@dataclass
+class StepResult:
+    """What one training step reports: the loss logged (L(theta) for RGE and backprop, else the mean of the
+    evaluated losses), every loss evaluated, whether the update was applied, and the method's own log fields."""
+
+    loss: float
+    losses: torch.Tensor
+    finite: bool
+    log: dict[str, float] = field(default_factory=dict)
+
+
+def make_optimizer(cfg: DictConfig, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
+    """ZO-Adam / ZO-SGD / AdamW: torch's own optimizers fed the gradient through `.grad`."""
+    o = cfg.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(
+            [theta], lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
+        )
+    if o.name == "adamw":  # first-order TI: diffusers' textual_inversion.py (weight decay on the token rows only)
+        return torch.optim.AdamW(
+            [theta], lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
+        )
+    return torch.optim.SGD([theta], lr=float(o.lr), momentum=float(o.momentum), weight_decay=float(o.weight_decay))
+
+
+class GradientMethod:
+    """Algorithm 1, lines 4-11, for one step: g_hat (Eq. 3 / S11 / S12, or backprop), g' = SG(g_hat) (Eq. 8),
+    theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
+
+    shared_sample = True  # every loss of a step at the same latent, noise, timestep and prompt
+
+    def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter) -> None:
+        self.name, self.theta = cfg.estimator.name, theta
+        self.autograd = self.name == "backprop"
+        self.n, self.mu, self.seed = int(cfg.estimator.n), float(cfg.estimator.mu), int(cfg.train.seed)
+        self.optimizer = make_optimizer(cfg, theta)
+        self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
+        self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
+
+    def official_grad_scale(self) -> float:
+        """optimizer=zo_adam_official: the official code divides Eq. 3's sum by sqrt((d_eff + n - 1) / n) * n
+        instead of n, with d_eff = D minus the directions SG projects out; relative to Eq. 3 that is this factor."""
+        removed = self.sg.projector.shape[0] if self.sg is not None else 0
+        return 1.0 / math.sqrt((self.theta.numel() - removed + self.n - 1) / self.n)
+
+    def step(self, loss_fn: LossFn, step: int) -> StepResult:
+        theta = self.theta
+        if self.autograd:
+            est = backprop(loss_fn, theta.detach())
+        else:
+            seeds = direction_seeds(self.seed, step, self.n + 1)
+            est = GRADIENT_ESTIMATORS[self.name](loss_fn, theta.detach(), self.n, self.mu, seeds)
+        grad = self.sg.project(est.grad) if self.sg is not None else est.grad
+        if self.official_scale:
+            grad = grad * self.official_grad_scale()
+        finite = math.isfinite(est.loss) and bool(torch.isfinite(est.losses).all()) and bool(torch.isfinite(grad).all())
+        if finite:
+            theta.grad = grad.to(theta.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        row = {"grad_norm": float(est.grad.norm()), "projected_grad_norm": float(grad.norm()),
+               "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
+        istar = self.sg.observe(theta, step) if self.sg is not None else None
+        if istar is not None:
+            row["sg_istar_over_tau"] = istar / self.sg.tau
+        return StepResult(est.loss, est.losses, finite, row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sg is not None and state.get("sg") is not None:
+            self.sg.load_state_dict(state["sg"])
+
+
+def pca_basis(tables: list[torch.Tensor], num_vectors: int, intrinsic_dim: int) -> torch.Tensor:
+    """GF-TI's subspace: per text encoder, the top `intrinsic_dim` principal directions of its token-embedding
+    table (V, d), one block per placeholder row; (k * sum_e d_i, D) with orthonormal rows within each block."""
+    blocks = []
+    for table in tables:
+        centred = table.detach().double().cpu() - table.detach().double().cpu().mean(dim=0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        blocks += [vh[: min(intrinsic_dim, vh.shape[0])].float()] * num_vectors
+    return torch.block_diag(*blocks)
+
+
+def gfti_scale(tables: list[torch.Tensor], intrinsic_dim: int, alpha: float, sigma: float) -> float:
+    """Maps z ~ N(0, sigma^2) to a change of the token whose per-coordinate spread is alpha times the embedding
+    table's (GF-TI's own random projection has std alpha * std_hat / (sqrt(d_i) sigma) per entry, which gives
+    exactly that; for an orthonormal basis of d_i of d directions the factor is alpha * std_hat * sqrt(d/d_i) / sigma).
+    """
+    flat = torch.cat([t.detach().float().cpu().flatten() for t in tables])
+    width = tables[0].shape[1]
+    return alpha * float(flat.std()) * math.sqrt(width / min(intrinsic_dim, width)) / sigma
+
+
+class CMAES:
+    """GF-TI (S1.5): each step is one CMA-ES generation. `population` candidates z ~ N(m, sigma^2 C) in the
+    subspace become tokens theta_0 + scale * z B, are scored by the same loss (Eq. 1), and are told to CMA-ES;
+    theta is then the mean (cma's `xfavorite`). GF-TI's own code keeps the best candidate of the last generation
+    instead, a single noisy evaluation; the mean is the estimate CMA-ES itself recommends for noisy objectives.
+
+    `shared_sample`: true scores all candidates of a generation at one latent, noise, timestep and prompt
+    (common random numbers, as ZOODiP's estimators do); false gives each candidate its own latent, noise and
+    prompt with the timestep shared, as GF-TI's own training script does.
+    """
+
+    autograd = False
+
+    def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
+        import cma
+
+        m = cfg.method
+        self.theta, self.theta0 = theta, theta.detach().clone()
+        self.shared_sample = bool(m.shared_sample)
+        self.basis = pca_basis(tables, num_vectors, int(m.intrinsic_dim))
+        if self.basis.shape[1] != theta.numel():
+            raise ZoodipError(f"GF-TI's subspace has width {self.basis.shape[1]}, the token {theta.numel()}")
+        self.scale = gfti_scale(tables, int(m.intrinsic_dim), float(m.alpha), float(m.sigma))
+        never = {"maxiter": float("inf"), "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": 10**9}
+        options = {"popsize": int(m.population), "seed": int(cfg.train.seed) + 1, "verbose": -9, **never}
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.basis.shape[0]), float(m.sigma), options)
+
+    def token(self, z: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """theta_0 + scale * z B for one z (d_i,) or a batch (m, d_i)."""
+        return self.theta0 + self.scale * torch.as_tensor(np.asarray(z), dtype=torch.float32) @ self.basis
+
+    def step(self, loss_fn: LossFn, step: int) -> StepResult:
+        candidates = self.es.ask()
+        losses = loss_fn(self.token(np.stack(candidates))).float().cpu()
+        finite = bool(torch.isfinite(losses).all())
+        fitness = torch.nan_to_num(losses, nan=float("inf")).tolist()
+        self.es.tell(candidates, fitness)  # non-finite losses rank last
+        with torch.no_grad():
+            self.theta.copy_(self.token(self.es.mean))
+        row = {"population_loss_min": float(losses.min()), "population_loss_std": float(losses.std()),
+               "cma_sigma": float(self.es.sigma)}  # fmt: skip
+        return StepResult(float(losses.mean()), losses, finite, row)
+
+    def state_dict(self) -> dict[str, Any]:
+        raise ZoodipError(
+            "method=gfti cannot write a resumable checkpoint: the cma package's state is only picklable, and zoodip "
+            "checkpoints never hold pickle; set train.checkpoint_every=0"
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state_dict()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry: whether it needs autograd, forward passes per step, and how it is built."""
+
+    autograd: bool
+    passes: Callable[[DictConfig], int]
+    build: Callable[..., GradientMethod | CMAES]
+    summary: str
+
+
+def _gradient(cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], k: int) -> GradientMethod:
+    return GradientMethod(cfg, theta)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "rge": MethodSpec(False, lambda c: int(c.estimator.n) + 1, _gradient, "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"),
+    "spsa": MethodSpec(False, lambda c: 2 * int(c.estimator.n), _gradient, "two-sided SPSA (Eq. S11), SG, ZO-Adam"),
+    "one_point": MethodSpec(False, lambda c: int(c.estimator.n) + 1, _gradient, "one-point (Eq. S12), SG, ZO-Adam"),
+    "backprop": MethodSpec(True, lambda c: 1, _gradient, "first-order Textual Inversion (backprop)"),
+    "gfti": MethodSpec(False, lambda c: int(c.method.population), CMAES, "GF-TI: CMA-ES in a PCA subspace"),
+}
+
+
+def method_name(cfg: DictConfig) -> str:
+    """`method=gfti` names its method; `method=gradient` (the default) takes the estimator's name."""
+    return str(cfg.method.name)
+
+
+def build_method(cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
+    """The registry entry of `cfg`, built around `theta` (tables: each text encoder's token-embedding table)."""
+    return METHODS[method_name(cfg)].build(cfg, theta, tables, num_vectors)
