@@ -290,3 +290,23 @@ def test_toy_metrics_with_sd_and_paired_tests(tmp_path: Path) -> None:
     assert test["t_test_p"] == pytest.approx(stats.ttest_rel([0.5, 0.6, 0.2], [0.9, 0.8, 0.7]).pvalue)
     assert test["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diff).pvalue)
     assert "Paired comparisons" in md
+
+
+def test_factorial_grid_gets_paired_tests_per_factor(tmp_path: Path) -> None:
+    """A 2x2 grid (as Table 3's SG x PUTS) over 2 seeds: each factor against its first level, paired within the
+    other factor: mean differences by hand."""
+    acc = {}
+    for sg, a in (("rge", 0.0), ("spsa", 0.1)):
+        for puts, b in (("puts", 0.0), ("uniform", -0.3)):
+            for seed, c in ((0, 0.5), (1, 0.6)):
+                acc[(sg, puts, seed)] = a + b + c + 0.01 * seed * (sg == "spsa")
+    for n, ((sg, puts, seed), a) in enumerate(acc.items()):
+        toy = {"subject_accuracy": a, "prompt_accuracy": 0.9, "image_similarity": 0.5, "diversity": 0.2}
+        make_job(
+            tmp_path, str(n), {"estimator.name": sg, "puts.kind": puts, "train.seed": seed}, {"final_loss": 0.1}, toy
+        )
+    info = json.loads((build_report(tmp_path, wandb_mode="disabled") / "report.json").read_text())
+    sg = next(t for t in info["paired"] if t["metric"] == "subject_accuracy" and t["level"] == "spsa")
+    puts = next(t for t in info["paired"] if t["metric"] == "subject_accuracy" and t["level"] == "uniform")
+    assert (sg["reference"], sg["pairs"]) == ("rge", 4) and sg["mean_difference"] == pytest.approx(0.1 + 0.005)
+    assert (puts["reference"], puts["pairs"]) == ("puts", 4) and puts["mean_difference"] == pytest.approx(-0.3)

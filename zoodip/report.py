@@ -514,22 +514,28 @@ def _bars_section(
     header = [_axis(param), *[m + _arrow(m) for m in metrics], "jobs"]
     text = f"## {', '.join(metrics)} (mean ± sd over repeats)\n\n{_md_table(header, body)}"
     paired = paired_tests(df, param, metrics)
-    if paired:
-        rows = [[_label(t["level"]), _label(t["reference"]), t["metric"], _fmt(t["mean_difference"]),
-                 str(t["pairs"]), f"{t['t_test_p']:.2g}", f"{t['wilcoxon_p']:.2g}"]
-                for t in paired]  # fmt: skip
-        header = [_axis(param), "vs", "metric", "mean difference", "pairs", "paired t p", "Wilcoxon p"]
-        text += "\n\n## Paired comparisons (same seed and subject)\n\n" + _md_table(header, rows)
-    return image, text, best, paired
+    return image, text + _paired_section(paired, param, "same seed and subject"), best, paired
 
 
-def paired_tests(df: pd.DataFrame, param: str, metrics: list[str]) -> list[dict[str, Any]]:
-    """Each level of a one-parameter sweep against the first level, paired by the nuisance keys (seed, subject)
-    that the jobs differ in: mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided).
-    Empty when the jobs have no such key or fewer than 2 pairs."""
+def _paired_section(paired: list[dict[str, Any]], param: str, how: str) -> str:
+    if not paired:
+        return ""
+    rows = [[_label(t["level"]), _label(t["reference"]), t["metric"], _fmt(t["mean_difference"]), str(t["pairs"]),
+             f"{t['t_test_p']:.2g}", f"{t['wilcoxon_p']:.2g}"] for t in paired]  # fmt: skip
+    header = [_axis(param), "vs", "metric", "mean difference", "pairs", "paired t p", "Wilcoxon p"]
+    return f"\n\n## Paired comparisons of {_axis(param)} ({how})\n\n" + _md_table(header, rows)
+
+
+def paired_tests(
+    df: pd.DataFrame, param: str, metrics: list[str], within: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """Each level of `param` against its first level, paired by the nuisance keys (seed, subject) that the jobs
+    differ in and by `within` (the other factor of a factorial grid such as Table 3's SG x PUTS): mean difference,
+    paired t-test and Wilcoxon signed-rank p-values (two-sided). Empty when there is no such key or < 2 pairs."""
     from scipy import stats
 
     keys = [k for k in NUISANCE if k != param and k in df.columns and df[k].astype(str).nunique() > 1]
+    keys = keys + [k for k in within if k != param] if keys else []
     done = df[df["status"].eq("completed")]
     levels = _order(done[param])
     if not keys or len(levels) < 2:
@@ -606,6 +612,11 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
     if len(grid) == 2:
         image, text, best = _heatmap_section(df, grid[0], grid[1], metrics, out)
         images.append(image)
+        if set(grid) not in ({*PUTS_PAIR}, {*SG_PAIR}):  # a factorial grid (Table 3): each factor's effect, paired
+            for a, b in (grid, grid[::-1]):
+                tests = paired_tests(df, a, metrics, within=(b,))
+                paired += tests
+                text += _paired_section(tests, a, f"same {_axis(b)}, seed and subject")
     elif len(grid) == 1:
         image, text, best, paired = _bars_section(df, grid[0], metrics, out)
         images.append(image)
