@@ -84,6 +84,9 @@ DIRECTION = {
     "initial_loss": -1, "nonfinite_steps": -1,
     "steps": 0, "forward_passes": 0, "quantized_fraction": 0, "sg_istar_over_tau_mean": 0,
 }  # fmt: skip
+#: The paper's own choice of a swept key: paired tests compare every other level against it.
+PAPER_CHOICE = {"estimator": "rge", "estimator.name": "rge", "estimator.n": 2, "estimator.mu": 0.001, "sg": "on",
+                "puts": "puts", "puts.kind": "puts", "quantization": "int8", "method": "gradient"}  # fmt: skip
 NUISANCE = ("seed", "train.seed", "data.subject")  # averaged over when they are swept beside the grid
 PUTS_PAIR = ("puts.t_low", "puts.t_high")  # Fig. 7
 SG_PAIR = ("sg.tau", "sg.nu")  # Table 4
@@ -529,15 +532,18 @@ def _paired_section(paired: list[dict[str, Any]], param: str, how: str) -> str:
 def paired_tests(
     df: pd.DataFrame, param: str, metrics: list[str], within: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    """Each level of `param` against its first level, paired by the nuisance keys (seed, subject) that the jobs
-    differ in and by `within` (the other factor of a factorial grid such as Table 3's SG x PUTS): mean difference,
-    paired t-test and Wilcoxon signed-rank p-values (two-sided). Empty when there is no such key or < 2 pairs."""
+    """Each level of `param` against the paper's choice (PAPER_CHOICE) or else its first level, paired by the
+    nuisance keys (seed, subject) that the jobs differ in and by `within` (the other factor of a factorial grid
+    such as Table 3's SG x PUTS): mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided).
+    Empty when there is no such key or fewer than 2 pairs."""
     from scipy import stats
 
     keys = [k for k in NUISANCE if k != param and k in df.columns and df[k].astype(str).nunique() > 1]
     keys = keys + [k for k in within if k != param] if keys else []
     done = df[df["status"].eq("completed")]
     levels = _order(done[param])
+    paper = [v for v in levels if str(v) == str(PAPER_CHOICE.get(param))]
+    levels = paper + [v for v in levels if v not in paper]  # compared against the paper's choice when swept
     if not keys or len(levels) < 2:
         return []
     out = []
