@@ -91,9 +91,8 @@ def set_cpu_memory(mode: str, key: str = "train.cpu_memory") -> bool:
 
     `lean` serves every allocation of 1 MiB or more with its own mapping, handed back to the OS on free.
     glibc's default (`fast`) raises that threshold as large blocks are freed and then reuses heap memory,
-    which on an SD1.5 forward leaves ~0.6 GB of freed activations resident (peak RSS 2.7 vs 2.1 GB
-    measured), but spares the page faults: under lean a ZOODiP iteration was ~9% slower, a TI one 54%
-    (BENCHMARKS.md). glibc cannot go back to its adaptive threshold, so `fast` leaves a process already
+    which leaves freed activations resident (a higher peak RSS), but spares the page faults, so iterations run
+    faster; the measured trade-off is in BENCHMARKS.md. glibc cannot go back to its adaptive threshold, so `fast` leaves a process already
     set to lean as it is.
     """
     check_cpu_memory(mode, key)
