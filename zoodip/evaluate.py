@@ -53,6 +53,7 @@ from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
     Components,
     arch_dir,
+    is_sdxl_arch,
     load_components,
     random_vae,
     resolve_device,
@@ -136,7 +137,7 @@ def _check(ev: DictConfig) -> None:
 
 
 def is_sdxl(cfg: DictConfig) -> bool:
-    return (arch_dir(cfg.model.arch) / "text_encoder_2").is_dir()
+    return is_sdxl_arch(cfg.model.arch)
 
 
 def read_embeddings(run_dir: Path, placeholder: str, num_encoders: int) -> list[torch.Tensor]:

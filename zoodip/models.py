@@ -92,8 +92,8 @@ def set_cpu_memory(mode: str, key: str = "train.cpu_memory") -> bool:
     `lean` serves every allocation of 1 MiB or more with its own mapping, handed back to the OS on free.
     glibc's default (`fast`) raises that threshold as large blocks are freed and then reuses heap memory,
     which leaves freed activations resident (a higher peak RSS), but spares the page faults, so iterations run
-    faster; the measured trade-off is in BENCHMARKS.md. glibc cannot go back to its adaptive threshold, so `fast` leaves a process already
-    set to lean as it is.
+    faster; the measured trade-off is in BENCHMARKS.md. glibc cannot go back to its adaptive threshold, so
+    `fast` leaves a process already set to lean as it is.
     """
     check_cpu_memory(mode, key)
     if mode == "fast":
@@ -307,6 +307,11 @@ def arch_dir(arch: str) -> Path:
     return folder
 
 
+def is_sdxl_arch(arch: str) -> bool:
+    """The one model-family check: an architecture is SDXL when its configs hold a second text encoder."""
+    return (arch_dir(arch) / "text_encoder_2").is_dir()
+
+
 def random_tokenizers(arch: str) -> list[CLIPTokenizer]:
     """The tokenizer(s) of a random-weight build: CLIP's (padded as the arch's tokenizer_config.json says), or
     the toy world's small vocabulary where that file says `"vocabulary": "toyworld"`."""
@@ -335,7 +340,7 @@ def load_components(
     VAE and text encoder(s) (default: the same; INT4 keeps them INT8, paper S3.2 / Table S8). On the CPU, INT8
     layers run through `use_fast_cpu_int8`."""
     others = others or quantization
-    sdxl = (arch_dir(arch) / "text_encoder_2").is_dir()
+    sdxl = is_sdxl_arch(arch)
     if init == "random":
         source = f"random:{arch}:seed{seed}"
         tokenizers = random_tokenizers(arch)
