@@ -35,8 +35,29 @@ format: $(STAMP) ## ruff format and autofix
 demo: $(STAMP) ## Personalize a toy-world subject with ZOODiP, evaluate it, draw demo.png (offline, CPU, ~3 minutes)
 	$(VENV)/bin/zoodip-demo
 
+# The GPU machine (README: GPU check) has Python 3.12 with torch, transformers, accelerate, huggingface-hub, safetensors,
+# pandas, matplotlib, scipy, timm... but none of these, and no network: they travel as wheels in .whl/ (git-ignored
+# through .git/info/exclude), at the versions .venv tests with. wandb and the Hydra launchers stay behind (logger=none).
+GPU_PACKAGES := diffusers hydra-core omegaconf antlr4-python3-runtime optimum-quanto cma open-clip-torch ftfy wcwidth importlib-metadata
+GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels: $(STAMP) ## Download into .whl/ the wheels the GPU machine lacks (cp312, x86-64), print their size
+	@mkdir -p .git/info && (grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude)
+	@rm -rf .whl && mkdir -p .whl
+	@pins=$$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_PACKAGES)) && \
+	for pin in $$pins; do \
+		$(PY) -m pip download --quiet --no-deps --only-binary=:all: $(GPU_PLATFORM) -d .whl $$pin 2>/dev/null || \
+		$(PY) -m pip wheel --quiet --no-deps -w .whl $$pin || exit 1; \
+	done
+	@ls -1 .whl
+	@! ls .whl | grep -v -E -e '-(py3-none-any|cp312-cp312-[a-z0-9_]*|cp3[0-9]*-abi3-[a-z0-9_.]*)\.whl$$' || (echo 'gpu-wheels: the wheels above do not install on CPython 3.12 x86-64' >&2; exit 1)
+	@echo "wheels: $$(du -sh .whl | cut -f1); tracked files: $$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MiB", $$1 / 1048576}') (the device takes 64 MiB in all)"
+
+gpu-check: ## On a CUDA machine: smoke runs, toy-world eval, bench and the GPU verdicts into gpu-check.json/.md
+	$(if $(wildcard $(PY)),$(PY),python3) -m zoodip.gpu_check mode=full
+
 clean: ## Remove caches (keeps outputs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-slow lint format demo clean
+.PHONY: help install test test-slow lint format demo clean gpu-wheels gpu-check
