@@ -15,11 +15,11 @@ from tests.conftest import compose_train
 from zoodip import CONF_DIR, ROOT
 from zoodip.evaluate import parse_args as eval_args
 from zoodip.evaluate import prepare_config
-from zoodip.report import parse_args as report_args
+from zoodip.report import hydra_argv as report_argv
 
 DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
-#: Hydra apps and their primary config; zoodip-eval and zoodip-report parse key=value themselves.
-HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench",
+#: Hydra apps and their primary config; zoodip-eval parses key=value itself.
+HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
               "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard"}  # fmt: skip
 COMMANDS = {*HYDRA_APPS, "zoodip-eval", "zoodip-report"}
 
@@ -72,9 +72,9 @@ def check(line: str) -> None:
     if command == "zoodip-eval":
         _, overrides = eval_args(args)
         prepare_config(compose_train(), overrides)
-    elif command == "zoodip-report":
-        report_args(args)
     else:
+        if command == "zoodip-report":
+            args = report_argv(args)  # its positional MULTIRUN_DIR
         if command == "zoodip-dashboard" and args and "=" not in args[0]:
             args[0] = f"group={args[0]}"  # its positional sweep group
         compose_hydra(HYDRA_APPS[command], args)

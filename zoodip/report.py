@@ -3,6 +3,9 @@
     zoodip-report MULTIRUN_DIR [report.metrics=[clip_t,clip_i,dino]] [report.output=DIR] [logger=none|wandb]
                   [logger.mode=offline|online|disabled] [logger.project=zoodip]
 
+A Hydra app like zoodip-train (conf/report.yaml): MULTIRUN_DIR is the override multirun_dir=DIR, `logger` the train
+logger group, and a bad override is Hydra's own message with exit code 2.
+
 Input: every subdirectory of MULTIRUN_DIR holding `.hydra/` is one job (Hydra names them 0/, 1/, ...). It has
 `.hydra/overrides.yaml` and `.hydra/config.yaml`, and when it got that far `metrics.json` (training) and
 `eval/metrics.json` (evaluation). `multirun.yaml` is not needed.
@@ -53,6 +56,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pandas as pd
 import yaml
@@ -61,11 +65,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
 from zoodip import CONF_DIR
-from zoodip.errors import ZoodipError, cli_errors
+from zoodip.errors import EXIT_USAGE, ZoodipError, fail
 from zoodip.io import atomic_write, atomic_write_text, read_json, write_json
 
 TRAIN_KEYS = [
@@ -681,44 +684,58 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
 # ----------------------------------------------------------------------------- command line
 
 USAGE = "usage: zoodip-report MULTIRUN_DIR [report.metrics=[clip_t,clip_i]] [logger=none|wandb] [logger.mode=offline]"
+_TASK_STARTED = False
 
 
-def parse_args(argv: list[str]) -> tuple[Path, Any]:
-    """MULTIRUN_DIR and the config: conf/report.yaml with Hydra-style key=value overrides merged on top."""
-    if not argv or "=" in argv[0] or argv[0].startswith("-"):
-        raise ZoodipError(f"the first argument must be the multirun directory; {USAGE}")
-    cfg = OmegaConf.load(CONF_DIR / "report.yaml")
-    OmegaConf.set_struct(cfg, True)
-    for arg in argv[1:]:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise ZoodipError(f"cannot parse override {arg!r}: expected key=value; {USAGE}")
-        if key == "logger":  # config-group style choice, as in zoodip-train
-            arg = f"logger.name={value}"
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
-        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
-            reason = str(err).splitlines()[0]
-            raise ZoodipError(f"cannot parse override {arg!r} ({reason}); {USAGE}") from None
-    if cfg.logger.name not in ("wandb", "none"):
-        raise ZoodipError(f"logger={cfg.logger.name} is not a logger; use logger=wandb or logger=none")
+def check_config(cfg: DictConfig) -> None:
+    """The composed config's values that Hydra does not check itself."""
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ZoodipError(f"logger.mode={cfg.logger.mode} is not a W&B mode; use offline, online or disabled")
-    return Path(argv[0]), cfg
 
 
-@cli_errors
+@hydra.main(config_path=str(CONF_DIR), config_name="report", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    global _TASK_STARTED
+    _TASK_STARTED = True
+    try:
+        check_config(cfg)
+        metrics = OmegaConf.to_container(cfg.report, resolve=True)["metrics"]
+        mode = "disabled" if cfg.logger.name == "none" else cfg.logger.mode
+        out = build_report(cfg.multirun_dir, metrics, wandb_mode=mode, output=cfg.report.output,
+                           project=cfg.logger.project)  # fmt: skip
+    except ZoodipError as err:
+        fail(str(err))
+    print(f"report: {out / 'report.md'}")
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """The positional MULTIRUN_DIR becomes the override multirun_dir='DIR' (quoted for Hydra's grammar)."""
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        quoted = argv[0].replace("\\", "\\\\").replace("'", "\\'")
+        return [f"multirun_dir='{quoted}'", *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:
-        argv = sys.argv[1:]
+    """Console entry point; Hydra's own config errors (unknown key, bad override, no MULTIRUN_DIR) exit with 2."""
+    global _TASK_STARTED
+    _TASK_STARTED = False
+    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__)
         return
-    multirun_dir, cfg = parse_args(argv)
-    metrics = OmegaConf.to_container(cfg.report, resolve=True)["metrics"]
-    mode = "disabled" if cfg.logger.name == "none" else cfg.logger.mode
-    out = build_report(multirun_dir, metrics, wandb_mode=mode, output=cfg.report.output, project=cfg.logger.project)
-    print(f"report: {out / 'report.md'}")
+    if not argv:
+        fail(f"the multirun directory is required; {USAGE}")
+    given = [a.partition("=")[2].strip("'\"") for a in hydra_argv(argv) if a.startswith("multirun_dir=")]
+    if given and not Path(given[0]).expanduser().is_dir():  # before Hydra makes its report folder inside it
+        fail(f"multirun directory {given[0]} does not exist")
+    sys.argv = [sys.argv[0], *hydra_argv(argv)]
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _TASK_STARTED:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
 
 
 if __name__ == "__main__":
