@@ -416,10 +416,12 @@ class Report:
         print(f"[{elapsed:5.0f} s] {name}: {result['status']} {extra}".rstrip(), flush=True)
 
     def bench(self) -> dict[str, list[dict[str, Any]]]:
+        """The bench parts' results by architecture, with zoodip-bench's own status (completed / failed)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for name, part in self.parts.items():
             if name.startswith("bench/") and "method" in part:
-                out.setdefault(part["arch"], []).append(part)
+                status = "completed" if part["status"] == "passed" else "failed"
+                out.setdefault(part["arch"], []).append({"error": None, **part, "status": status})
         return out
 
     def data(self) -> dict[str, Any]:

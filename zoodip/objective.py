@@ -195,13 +195,14 @@ class Objective:
         """Fix this step's sample: z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps (Eq. 1/9) and its regression target."""
         device, dtype = self.parts.device, self.parts.dtype
         scheduler = self.parts.scheduler
-        self.t = torch.tensor([t], device=device)
+        t_host = torch.tensor([t])  # the scheduler's index: from the host, never read back from the device (a sync)
+        self.t = t_host.to(device)
         z0, noise = z0.to(device), noise.to(device)
-        self.z_t = scheduler.add_noise(z0, noise, self.t.cpu()).to(dtype)
+        self.z_t = scheduler.add_noise(z0, noise, t_host).to(dtype)
         if target is not None:
             self.target = target.to(device).float()
         elif scheduler.config.prediction_type == "v_prediction":  # SD2.1 768-v regresses the velocity
-            self.target = scheduler.get_velocity(z0, noise, self.t.cpu()).float()
+            self.target = scheduler.get_velocity(z0, noise, t_host).float()
         else:
             self.target = noise.float()
         self.ids = self.text.token_ids(prompt)
@@ -222,6 +223,7 @@ class Objective:
 
     def losses(self, thetas: torch.Tensor) -> torch.Tensor:
         """||eps - eps_phi(z_t, t, c(theta_i))||^2 (mean over elements) for each row of `thetas` (m, D)."""
+        thetas = thetas.to(self.parts.device)  # one host-to-device copy (a stream sync) per step, not one per chunk
         chunks = thetas.split(self.max_batch) if self.batched else thetas.split(1)
         out = []
         for chunk in chunks:
