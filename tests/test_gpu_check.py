@@ -235,20 +235,19 @@ def test_the_loss_of_a_half_precision_prediction_is_computed_in_fp32():
     assert objective.losses(torch.zeros(2, 8)).tolist() == [90000.0, 90000.0]
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="known CUDA bug, unfixed: see the test's docstring")
-def test_a_quantized_half_precision_vae_that_needs_upcasting_encodes():
-    """On CUDA the model runs fp16, so the INT8 VAE carries fp16 scales; the SDXL and toy-world VAEs say
-    `force_upcast`, and `encode_latents` (like diffusers' SDXL pipeline, `upcast_vae`) then calls vae.to(fp32), which
-    quanto refuses ("The dtype of a weights Tensor cannot be changed"). On the CPU (fp32) it never shows. A fix: build
-    a force_upcast VAE in fp32 before quantizing it (models.load_components, evaluate.load_vae) and hand the decoder
-    latents in its dtype."""
+def test_a_quantized_half_precision_vae_that_needs_upcasting_encodes_and_decodes():
+    """On CUDA the model runs fp16; the SDXL and toy-world VAEs say `force_upcast`, and `encode_latents` (like
+    diffusers' SDXL pipeline, `upcast_vae`) then called vae.to(fp32) on quantized weights, which quanto refuses ("The
+    dtype of a weights Tensor cannot be changed"). `quantize_vae` keeps such a VAE fp32 and casts its inputs."""
     from diffusers import AutoencoderKL
 
     from zoodip.data import encode_latents
-    from zoodip.quantize import quantize_weights
+    from zoodip.models import quantize_vae
 
     vae = AutoencoderKL.from_pretrained(ROOT / "zoodip" / "assets" / "toyworld" / "vae", torch_dtype=torch.float16)
     assert vae.config.force_upcast
-    quantize_weights(vae, "int8")
+    quantize_vae(vae, "int8")
     mean, _ = encode_latents(vae, torch.zeros(1, 3, 32, 32), torch.device("cpu"))
-    assert torch.isfinite(mean).all()
+    assert torch.isfinite(mean).all() and vae.dtype == torch.float32
+    image = vae.decode(mean.half()).sample  # half-precision latents, as a CUDA pipeline hands them over
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()

@@ -303,7 +303,7 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> tuple[tor
     """Mean and std of q(z|x) for each image, times the VAE's scaling factor (encoded once, one image at a time)."""
     upcast = getattr(vae.config, "force_upcast", False)
     dtype = torch.float32 if upcast else next(vae.parameters()).dtype
-    if upcast:
+    if upcast and next(vae.parameters()).dtype != torch.float32:  # a quantized one is fp32 already (quantize_vae)
         vae.to(torch.float32)
     means, stds = [], []
     for image in images:

@@ -55,6 +55,7 @@ from zoodip.models import (
     arch_dir,
     is_sdxl_arch,
     load_components,
+    quantize_vae,
     random_vae,
     resolve_device,
     resolve_dtype,
@@ -63,7 +64,6 @@ from zoodip.models import (
 from zoodip.objective import TextConditioner
 from zoodip.pictures import first_of_each_prompt, reference_grid
 from zoodip.prompts import eval_prompts, text_prompts
-from zoodip.quantize import quantize_weights
 from zoodip.scoring import (
     OPEN_CLIP_MODEL,
     OPEN_CLIP_PRETRAINED,
@@ -573,7 +573,7 @@ def load_vae(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Autoe
         with torch.random.fork_rng(devices=[]):
             vae = random_vae(arch_dir(m.arch), dtype, int(m.seed))
     vae.requires_grad_(False).eval()
-    quantize_weights(vae, cfg.quantization.weights)
+    quantize_vae(vae, cfg.quantization.get("others", cfg.quantization.weights))  # INT4 runs keep the VAE INT8
     return vae.to(device)
 
 

@@ -221,6 +221,25 @@ def _random_parts(arch_dir: Path, sdxl: bool, dtype: torch.dtype, seed: int, qua
     yield "unet", build_unet(UNet2DConditionModel.load_config(arch_dir / "unet"), dtype, quantization)
 
 
+def _to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].float(), *args[1:])
+
+
+def quantize_vae(vae: AutoencoderKL, quantization: str) -> AutoencoderKL:
+    """Quantize a VAE's weights. One that asks for fp32 (`force_upcast`: SDXL's, the toy world's) is moved to fp32
+    first and takes its inputs in fp32, since quanto's weights refuse the later `.to(float32)` of diffusers'
+    `upcast_vae` and of `encode_latents`; the half-precision latents of a CUDA run are cast at its entry points."""
+    upcast = getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32
+    if upcast:
+        vae.to(torch.float32)
+    quantize_weights(vae, quantization)  # replaces the layers: hooks go on afterwards
+    if upcast:
+        for module in (vae.encoder, vae.decoder, vae.quant_conv, vae.post_quant_conv):
+            if module is not None:
+                module.register_forward_pre_hook(_to_fp32)
+    return vae
+
+
 def random_vae(arch_dir: Path, dtype: torch.dtype, seed: int) -> AutoencoderKL:
     """The VAE of `_random_parts`, alone (validation during training reloads it after training released it)."""
     torch.manual_seed(seed + 10)
@@ -366,7 +385,9 @@ def load_components(
         for name, module in parts:
             module.requires_grad_(False).eval()
             weights = quantization if name == "unet" else others
-            if count_quantized(module)[0] == 0:  # the UNet comes built quantized
+            if name == "vae":
+                quantize_vae(module, weights)
+            elif count_quantized(module)[0] == 0:  # the UNet comes built quantized
                 quantize_weights(module, weights)
             if fast_cpu_int8 and weights == "int8" and device.type == "cpu":
                 use_fast_cpu_int8(module)
