@@ -13,17 +13,21 @@ a load checks the id and the tensor names of both files and refuses a pair that 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zoodip.errors import ZoodipError
 from zoodip.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "zoodip-checkpoint", 1
 RECORD = "last.json"  # the commit record, in <run dir>/checkpoints/
@@ -47,12 +51,15 @@ class TrainState:
     wall_seconds: float
     initial_eval_loss: float | None
     forward_passes: int
+    config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0's #14)
+    zoodip_version: str | None = None  # the package version that wrote it
 
 
 # What a loaded TrainState's fields must be (the rest is checked by the optimizer's and SG's own loaders).
 _TYPES = {"step": int, "theta": torch.Tensor, "optimizer": dict, "sg": dict | None, "generator": torch.Tensor,
           "history": list, "nonfinite": int, "wall_seconds": int | float, "initial_eval_loss": int | float | None,
-          "forward_passes": int}  # fmt: skip
+          "forward_passes": int, "config": dict | None, "zoodip_version": str | None}  # fmt: skip
+_OPTIONAL = {"config": None, "zoodip_version": None}  # fields older records lack
 
 
 def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -105,9 +112,8 @@ def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
     return folder / RECORD
 
 
-def load_checkpoint(path: str | Path) -> TrainState:
-    """The TrainState saved at `path` (a last.json). Anything unreadable or mismatched is a ZoodipError."""
-    path = Path(path)
+def read_record(path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON record (header and state, tensors not read), checked for format and version."""
     if path.name == LEGACY or path.suffix == ".pt":
         raise ZoodipError(legacy_message(path))
     try:
@@ -119,6 +125,13 @@ def load_checkpoint(path: str | Path) -> TrainState:
         raise ZoodipError(f"checkpoint {path} is not a zoodip checkpoint record; {START_OVER}")
     if record.get("version") != VERSION:
         raise ZoodipError(f"checkpoint {path} has version {record.get('version')!r}, not {VERSION}; {START_OVER}")
+    return record
+
+
+def load_checkpoint(path: str | Path) -> TrainState:
+    """The TrainState saved at `path` (a last.json). Anything unreadable or mismatched is a ZoodipError."""
+    path = Path(path)
+    record = read_record(path)
     ident, tensor_file = str(record.get("id")), str(record.get("tensor_file"))
     if Path(tensor_file).name != tensor_file or tensor_file != f"last-{ident}.safetensors":
         raise ZoodipError(f"checkpoint {path} names the tensor file {tensor_file!r}, not its own; {START_OVER}")
@@ -138,7 +151,8 @@ def load_checkpoint(path: str | Path) -> TrainState:
             f"or other tensors); {START_OVER}"
         )
     try:
-        values = {f.name: _join(state[f.name], tensors) for f in fields(TrainState)}
+        values = {f.name: _join(state[f.name] if f.name in state else _OPTIONAL[f.name], tensors)
+                  for f in fields(TrainState)}  # fmt: skip
         values["optimizer"]["state"] = {int(k): v for k, v in values["optimizer"]["state"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ZoodipError(f"checkpoint {path} lacks or garbles {err}; {START_OVER}") from None
@@ -172,3 +186,68 @@ def locate_checkpoint(path: str | Path) -> Path | None:
     if (folder / LEGACY).is_file():
         raise ZoodipError(legacy_message(folder / LEGACY))
     return None
+
+
+# ------------------------------------------------------------------------------------------------ what a run is
+# A run's math: resuming or skipping a run under a config that differs in any of these keys is refused. Everything
+# else (train.steps upward, logging, eval, progress, checkpoint and save intervals, device) may change.
+MATH_KEYS = ("model", "quantization", "method", "estimator", "sg", "puts", "optimizer", "data", "train.seed")
+NOT_MATH = ("model.steps",)  # the per-model default of train.steps
+_ABSENT = object()
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON values, as a checkpoint and metrics.json record it."""
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def _math(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for key, sub in config.items() for k, v in _flatten(sub, key).items()}
+    return {k: v for k, v in flat.items() if k.startswith(tuple(f"{m}." for m in MATH_KEYS)) or k in MATH_KEYS}
+
+
+def math_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted math keys whose values differ between two resolved configs (or that only one of them has)."""
+    a, b = _math(saved), _math(current)
+    return sorted(k for k in a.keys() | b.keys() if k not in NOT_MATH and a.get(k, _ABSENT) != b.get(k, _ABSENT))
+
+
+def describe_differences(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> str:
+    a, b = _math(saved), _math(current)
+    shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:6]]
+    return "; ".join(shown) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def check_same_math(saved: dict[str, Any] | None, cfg: DictConfig, what: str) -> None:
+    """Refuse to continue `what` (a checkpoint or a completed run) under a config that changes its math."""
+    if saved is None:
+        log.warning("%s records no config (an older zoodip wrote it): cannot check that the config is the same", what)
+        return
+    current = run_config(cfg)
+    keys = math_differences(saved, current)
+    if keys:
+        raise ZoodipError(
+            f"{what} was made with another config ({describe_differences(saved, current, keys)}); these keys change "
+            f"the training itself: run with the same values, or start over in a new folder (hydra.run.dir=...) "
+            f"or with train.resume=null"
+        )
+
+
+def check_resumable(path: Path, cfg: DictConfig) -> None:
+    """Before anything heavy is loaded: the checkpoint at `path` belongs to this config, and train.steps reaches
+    at least its step. Only the JSON record is read."""
+    state = read_record(path)["state"]
+    saved = state.get("config")
+    check_same_math(saved if isinstance(saved, dict) else None, cfg, f"checkpoint {path}")
+    step = state.get("step")
+    if isinstance(step, int) and int(cfg.train.steps) < step:
+        raise ZoodipError(
+            f"train.steps={cfg.train.steps} is below the step of checkpoint {path} ({step}): raise train.steps, or "
+            f"start over with train.resume=null"
+        )

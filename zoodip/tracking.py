@@ -86,6 +86,19 @@ class Tracker:
             art.add_file(str(path))
             self.run.log_artifact(art)
 
+    def warn(self, title: str, text: str, step: int) -> None:
+        """A warning: logged, counted as `warnings/<title>` in the run's metrics, and a W&B alert when online."""
+        log.warning("%s", text)
+        if self.run is not None:
+            self.run.log({f"warnings/{title}": 1}, step=step)
+            if self.run.settings.mode == "online":
+                self.run.alert(title=title, text=text, level="WARN")
+
+    def preempted(self) -> None:
+        """Mark the W&B run as preempted (it then shows as such, not as crashed) before finish()."""
+        if self.run is not None:
+            self.run.mark_preempting()
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)

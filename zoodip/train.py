@@ -20,8 +20,16 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from zoodip import CONF_DIR
-from zoodip.checkpoint import TrainState, load_checkpoint, locate_checkpoint, save_checkpoint
+from zoodip import CONF_DIR, __version__, preemption
+from zoodip.checkpoint import (
+    TrainState,
+    check_resumable,
+    check_same_math,
+    load_checkpoint,
+    locate_checkpoint,
+    run_config,
+    save_checkpoint,
+)
 from zoodip.data import (
     TEMPLATES,
     Reference,
@@ -35,6 +43,7 @@ from zoodip.embeddings import write_run_sdxl_embedding
 from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.estimators import LossFn
 from zoodip.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
+from zoodip.health import Health
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.methods import CMAES, METHODS, GradientMethod, StepResult, build_method, method_name
 from zoodip.models import (
@@ -48,7 +57,10 @@ from zoodip.models import (
 from zoodip.objective import Objective, TextConditioner, check_compile
 from zoodip.pictures import write_run_pictures
 from zoodip.planted import PlantedTask
+from zoodip.preemption import EXIT_PREEMPTED, Preempted
 from zoodip.quantize import QUANTIZATIONS, forward_mode, quantized_fraction, weights_by_component
+from zoodip.runlock import run_lock
+from zoodip.schema import check_config
 from zoodip.timesteps import SAMPLERS, TimestepSampler
 from zoodip.tracking import Tracker
 
@@ -312,7 +324,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         state = TrainState(
             step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
             generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
-            initial_eval_loss=initial_eval, forward_passes=objective.forward_passes,
+            initial_eval_loss=initial_eval, forward_passes=objective.forward_passes, config=run_config(cfg),
+            zoodip_version=__version__,
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
@@ -320,14 +333,20 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     t_start = time.perf_counter()
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="zoodip", disable=not cfg.train.progress,
                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)  # fmt: skip
+    health = Health(int(cfg.train.max_bad_steps), [r["loss"] for r in history])
+    if preemption.requested():  # a signal while the model loaded: the last checkpoint already holds this state
+        raise Preempted(preemption.requested(), start)
     for step in bar:
         result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant)
+        divergence = health.observe(result.loss if result.finite else float("nan"))
+        if divergence:
+            tracker.warn("divergence", divergence, step)
         if not result.finite:
             nonfinite += 1
-            if nonfinite > int(cfg.train.max_nonfinite):
-                raise FloatingPointError(
-                    f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
-                )
+            if nonfinite > int(cfg.train.max_nonfinite) or health.failed:
+                save_embeddings(run_dir, s.text, theta)  # non-finite steps skip their update: the last good token
+                too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
+                raise FloatingPointError(health.failed or too_many)
         row = {"step": step, "loss": result.loss if result.finite else float("nan"), "timestep": t, **result.log,
                "token_norm": float(theta.detach().norm()), "peak_memory_bytes": peak_memory_bytes(device)}  # fmt: skip
         refreshed = "sg_istar_over_tau" in row
@@ -346,6 +365,11 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         if cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
+        if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
+            write_checkpoint(step, elapsed)
+            write_history(run_dir, history)
+            save_embeddings(run_dir, s.text, theta)
+            raise Preempted(preemption.requested(), step)
     bar.close()
     session_seconds = time.perf_counter() - t_start
     save_embeddings(run_dir, s.text, theta)
@@ -388,30 +412,78 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | None = None) -> dict[str, Any]:
-    """Train, then write metrics.json whatever happened. Bad input raises ZoodipError (exit code 2)."""
+    """Train, then write metrics.json whatever happened. Bad input raises ZoodipError (exit code 2); SIGTERM, SIGINT
+    or SIGUSR2 end the current step, checkpoint and raise Preempted (exit code EXIT_PREEMPTED). One run at a time
+    works in `run_dir` (its lock file); a refused run writes nothing there."""
+    check_config(cfg)  # types, limits, unknown keys: before anything is loaded or written
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        previous = completed_run(cfg, run_dir)
+        if previous is not None:
+            return previous
+        checkpoint = find_checkpoint(cfg.train.resume, run_dir)
+        if checkpoint is not None:  # before the model loads: a checkpoint of other math is refused at once
+            check_resumable(checkpoint, cfg)
+        try:
+            with preemption.handle_signals():
+                return train_and_record(cfg, run_dir, multirun, run_name)
+        except Preempted as stop:
+            preemption.hand_on(stop.signum)  # under submitit: requeue the job (and exit)
+            raise
+
+
+def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """With train.resume=auto, the metrics of a run that completed in `run_dir` with the same math and at least
+    train.steps steps (it is skipped); a completed run of other math is refused. None: train."""
     done = run_dir / "metrics.json"
-    if cfg.train.resume == "auto" and done.is_file() and read_json(done).get("status") == "completed":
-        log.info("%s already completed: skipped (train.resume=null starts over)", run_dir)
-        return read_json(done)
+    if cfg.train.resume != "auto" or not done.is_file():
+        return None
+    try:
+        previous = read_json(done)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("status") != "completed":
+        return None
+    saved = previous.get("config")
+    check_same_math(saved if isinstance(saved, dict) else None, cfg, f"the completed run in {run_dir}")
+    if isinstance(previous.get("steps"), int) and previous["steps"] < int(cfg.train.steps):
+        log.info("%s completed %d steps: continuing to %d", run_dir, previous["steps"], cfg.train.steps)
+        return None
+    log.info("%s already completed: skipped (train.resume=null starts over)", run_dir)
+    return previous
+
+
+def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: str | None) -> dict[str, Any]:
+    """run()'s work inside the lock and the signal handlers: train, evaluate, write metrics.json."""
     tracker = Tracker(cfg, run_dir, job_type="train", name=run_name)
     started = time.perf_counter()
+    identity = {"config": run_config(cfg), "zoodip_version": __version__}
     try:
         if cfg.eval.enabled:  # fail before training when the evaluation could not run (e.g. missing CLIP)
             preflight(cfg)
         metrics = train(cfg, run_dir, tracker)
+    except Preempted as stop:
+        metrics = {"status": "preempted", "error": None, "signal": preemption.signal_name(stop.signum),
+                   "checkpoint_step": stop.step, "wall_seconds": time.perf_counter() - started,
+                   "wandb": tracker.info, **identity}  # fmt: skip
+        write_json(run_dir / "metrics.json", metrics)
+        tracker.preempted()
+        tracker.finish(exit_code=EXIT_PREEMPTED)
+        print(f"zoodip: {stop}; the same command continues it (train.resume=auto); outputs in {run_dir}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise
     except (ZoodipError, Exception, KeyboardInterrupt) as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         reason = str(err) or type(err).__name__
         metrics = {"status": status, "error": f"{type(err).__name__}: {reason}",
-                   "wall_seconds": time.perf_counter() - started, "wandb": tracker.info}  # fmt: skip
+                   "wall_seconds": time.perf_counter() - started, "wandb": tracker.info, **identity}  # fmt: skip
         write_json(run_dir / "metrics.json", metrics)
         tracker.finish(exit_code=1)
         if isinstance(err, ZoodipError | KeyboardInterrupt) or not multirun:
             raise
         log.error("job failed, the sweep carries on: %s", metrics["error"])
         return metrics
-    metrics["wandb"] = tracker.info
+    metrics.update(wandb=tracker.info, **identity)
     write_json(run_dir / "metrics.json", metrics)
     tracker.summary(metrics)
     if cfg.eval.enabled:  # after train() returned, so its model is freed before evaluation loads its own
@@ -449,6 +521,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return None
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE) from None
+    except Preempted:  # a sweep stops too: the cluster (or the user) wants the machine back
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted ({err or 'a second signal'})", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as err:
         print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

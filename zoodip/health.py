@@ -1,0 +1,54 @@
+"""Numerical health of a run: consecutive non-finite steps, and losses that diverge from their running median.
+
+A non-finite step skips its update (the token keeps its last good value); `train.max_bad_steps` of them in a row
+fail the run (0: never). A finite loss more than DIVERGENCE_FACTOR times the median of the last WINDOW finite losses
+starts a divergence episode: one warning (log and tracker) when it starts, none until the loss is back under the bar.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable
+
+WINDOW = 100  # finite losses in the running median
+MIN_HISTORY = 10  # no divergence verdict before this many finite losses
+DIVERGENCE_FACTOR = 10.0
+
+
+class Health:
+    def __init__(self, max_bad_steps: int, losses: Iterable[float] = ()) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_a_row = 0
+        self.diverging = False
+        self.recent: deque[float] = deque((v for v in losses if math.isfinite(v)), maxlen=WINDOW)
+
+    def observe(self, loss: float) -> str | None:
+        """Record one step's loss (NaN for a non-finite step); returns a warning when a divergence starts."""
+        if not math.isfinite(loss):
+            self.bad_in_a_row += 1
+            return None
+        self.bad_in_a_row = 0
+        warning = None
+        if len(self.recent) >= MIN_HISTORY:
+            median = statistics.median(self.recent)
+            above = median > 0 and loss > DIVERGENCE_FACTOR * median
+            if above and not self.diverging:
+                warning = (
+                    f"the loss may be diverging: {loss:.4g} is more than {DIVERGENCE_FACTOR:g}x the median "
+                    f"{median:.4g} of the last {len(self.recent)} finite losses (try a lower optimizer.lr)"
+                )
+            self.diverging = above
+        self.recent.append(loss)
+        return warning
+
+    @property
+    def failed(self) -> str | None:
+        """Why the run must stop, once max_bad_steps steps in a row were non-finite (0: never); else None."""
+        if self.max_bad_steps and self.bad_in_a_row >= self.max_bad_steps:
+            return (
+                f"{self.bad_in_a_row} steps in a row had a non-finite loss (train.max_bad_steps={self.max_bad_steps}); "
+                f"learned_embeds.safetensors holds the last good token"
+            )
+        return None
