@@ -33,7 +33,8 @@ def test_every_estimator_config_is_a_registry_entry():
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [((), 3), (("estimator=spsa",), 4), (("estimator=one_point",), 3),
+    [((), 3), (("estimator=spsa",), 4), (("estimator=one_point",), 3), (("estimator=antithetic",), 3),
+     (("estimator=guided", "estimator.k=2"), 3),
      (("experiments=ti", "model=tiny"), 1), (("method=gfti", "method.population=5", "train.checkpoint_every=0"), 5)],
 )  # fmt: skip
 def test_forward_passes_per_step_are_the_registrys(tmp_path, overrides, expected):

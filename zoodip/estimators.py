@@ -7,6 +7,7 @@ e_i ~ N(0, I) are regenerated from integer seeds, as in MeZO: seeds are kept, di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,58 @@ def one_point(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: li
     return Estimate(grad, float(losses.mean()), losses, n + 1)
 
 
+def antithetic(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int]) -> Estimate:
+    """Antithetic RGE (issue #17): n/2 directions, each evaluated at theta + mu e_i and theta - mu e_i, with L(theta)
+    shared: g = (2/n) sum_i (L(theta + mu e_i) - L(theta - mu e_i)) / (2 mu) * e_i.
+
+    n + 1 forward passes, as RGE's Eq. 3 (n even). The central difference cancels the second-order term that biases
+    Eq. 3's forward difference; on a quadratic loss it is exactly (grad . e_i) e_i.
+    """
+    if n % 2:
+        raise ValueError(f"antithetic RGE needs an even n (pairs of +/- directions), got {n}")
+    dim, half = theta.numel(), n // 2
+    dirs = [direction(s, dim) for s in seeds[:half]]
+    candidates = torch.stack([theta] + [theta + mu * e for e in dirs] + [theta - mu * e for e in dirs])
+    losses = loss_fn(candidates).float().cpu()
+    grad = combine((losses[1 : half + 1] - losses[half + 1 :]) / (2 * mu), seeds[:half], dim)
+    return Estimate(grad, float(losses[0]), losses, n + 1)
+
+
+def guided_directions(seeds: list[int], basis: torch.Tensor, alpha: float) -> torch.Tensor:
+    """e_i ~ N(0, Sigma), Sigma = alpha I + (1 - alpha) (D / k) U U^T, for U (D, k) with orthonormal columns (Guided
+    ES, Maheswaranathan et al. 2019, scaled so that E|e|^2 = D as for RGE's N(0, I)): e = sqrt(alpha) eps_D +
+    sqrt((1 - alpha) D / k) U eps_k, both regenerated from the seed."""
+    dim, k = basis.shape
+    out = []
+    for s in seeds:
+        e = math.sqrt(alpha) * direction(s, dim)
+        if k:
+            e = e + math.sqrt((1 - alpha) * dim / k) * (basis @ direction(s + 7_919, k))
+        out.append(e)
+    return torch.stack(out)
+
+
+def guided_inverse(vector: torch.Tensor, basis: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sigma^-1 v = (v - U U^T v) / alpha + U U^T v / (alpha + (1 - alpha) D / k), Sigma as in `guided_directions`."""
+    dim, k = basis.shape
+    if not k:
+        return vector / alpha
+    inside = basis @ (basis.T @ vector)
+    return (vector - inside) / alpha + inside / (alpha + (1 - alpha) * dim / k)
+
+
+def guided(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int], basis: torch.Tensor,
+           alpha: float) -> Estimate:  # fmt: skip
+    """Guided subspace sampling (issue #17): RGE's Eq. 3 with directions e_i ~ N(0, Sigma) drawn partly from U, the
+    span of recent gradient estimates, and the result multiplied by Sigma^-1 so that it stays unbiased:
+    E[(grad . e) Sigma^-1 e] = Sigma^-1 Sigma grad = grad. g = Sigma^-1 (1/n) sum_i (L(theta + mu e_i) - L(theta)) / mu
+    * e_i; n + 1 forward passes. Subspace Gradient removes directions (biased); this only samples some more often."""
+    dirs = guided_directions(seeds[:n], basis, alpha)
+    losses = loss_fn(torch.cat([theta[None], theta + mu * dirs])).float().cpu()
+    grad = guided_inverse(((losses[1:] - losses[0]) / mu) @ dirs / n, basis, alpha)
+    return Estimate(grad, float(losses[0]), losses, n + 1)
+
+
 def backprop(loss_fn: LossFn, theta: torch.Tensor) -> Estimate:
     """First-order Textual Inversion: the exact gradient of L(theta) by backpropagation (the paper's TI baseline)."""
     leaf = theta.detach().clone().requires_grad_(True)
@@ -87,4 +140,4 @@ def backprop(loss_fn: LossFn, theta: torch.Tensor) -> Estimate:
 
 #: The zeroth-order estimators by `estimator` config name (backprop is the first-order one); zoodip/methods.py
 #: turns each into a registry entry.
-GRADIENT_ESTIMATORS = {"rge": rge, "spsa": spsa, "one_point": one_point}
+GRADIENT_ESTIMATORS = {"rge": rge, "spsa": spsa, "one_point": one_point, "antithetic": antithetic}

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from zoodip.errors import ZoodipError
-from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds
+from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds, guided
 from zoodip.subspace import SubspaceGradient
 
 log = logging.getLogger("zoodip.methods")
@@ -68,6 +68,15 @@ class GradientMethod:
         self.optimizer = make_optimizer(cfg, theta)
         self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
         self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
+        self.recent: list[torch.Tensor] = []  # estimator=guided: the last k estimates, whose span it samples more
+        self.k, self.alpha = int(cfg.estimator.get("k", 0)), float(cfg.estimator.get("alpha", 1.0))
+
+    def guided_basis(self) -> torch.Tensor:
+        """U (D, k'): orthonormal columns spanning the last k' <= k gradient estimates (QR)."""
+        if not self.recent:
+            return torch.zeros(self.theta.numel(), 0)
+        q, _ = torch.linalg.qr(torch.stack(self.recent, dim=1))
+        return q
 
     def official_grad_scale(self) -> float:
         """optimizer=zo_adam_official: the official code divides Eq. 3's sum by sqrt((d_eff + n - 1) / n) * n
@@ -77,10 +86,14 @@ class GradientMethod:
 
     def step(self, loss_fn: LossFn, step: int) -> StepResult:
         theta = self.theta
+        seeds = direction_seeds(self.seed, step, self.n + 1)
         if self.autograd:
             est = backprop(loss_fn, theta.detach())
+        elif self.name == "guided":
+            est = guided(loss_fn, theta.detach(), self.n, self.mu, seeds, self.guided_basis(), self.alpha)
+            if bool(torch.isfinite(est.grad).all()) and float(est.grad.norm()) > 0:
+                self.recent = [*self.recent, est.grad / est.grad.norm()][-self.k :]
         else:
-            seeds = direction_seeds(self.seed, step, self.n + 1)
             est = GRADIENT_ESTIMATORS[self.name](loss_fn, theta.detach(), self.n, self.mu, seeds)
         grad = self.sg.project(est.grad) if self.sg is not None else est.grad
         if self.official_scale:
@@ -98,12 +111,14 @@ class GradientMethod:
         return StepResult(est.loss, est.losses, finite, row)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None}
+        return {"optimizer": self.optimizer.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None,
+                "guided": [g.clone() for g in self.recent]}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sg is not None and state.get("sg") is not None:
             self.sg.load_state_dict(state["sg"])
+        self.recent = [g.clone() for g in state.get("guided") or []]
 
 
 def pca_basis(tables: list[torch.Tensor], num_vectors: int, intrinsic_dim: int) -> torch.Tensor:
@@ -194,10 +209,16 @@ def _gradient(cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Ten
     return GradientMethod(cfg, theta)
 
 
+def _n_plus_1(cfg: DictConfig) -> int:
+    return int(cfg.estimator.n) + 1
+
+
 METHODS: dict[str, MethodSpec] = {
-    "rge": MethodSpec(False, lambda c: int(c.estimator.n) + 1, _gradient, "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"),
+    "rge": MethodSpec(False, _n_plus_1, _gradient, "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"),
     "spsa": MethodSpec(False, lambda c: 2 * int(c.estimator.n), _gradient, "two-sided SPSA (Eq. S11), SG, ZO-Adam"),
-    "one_point": MethodSpec(False, lambda c: int(c.estimator.n) + 1, _gradient, "one-point (Eq. S12), SG, ZO-Adam"),
+    "one_point": MethodSpec(False, _n_plus_1, _gradient, "one-point (Eq. S12), SG, ZO-Adam"),
+    "antithetic": MethodSpec(False, _n_plus_1, _gradient, "antithetic RGE (+/- pairs sharing L(theta)), SG, ZO-Adam"),
+    "guided": MethodSpec(False, _n_plus_1, _gradient, "guided subspace sampling (unbiased), SG, ZO-Adam"),
     "backprop": MethodSpec(True, lambda c: 1, _gradient, "first-order Textual Inversion (backprop)"),
     "gfti": MethodSpec(False, lambda c: int(c.method.population), CMAES, "GF-TI: CMA-ES in a PCA subspace"),
 }

@@ -99,6 +99,13 @@ def validate(cfg: DictConfig) -> None:
     ]
     if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
         raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
+    if name == "antithetic":
+        checks.append(
+            (est.n % 2 == 0, f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
+        )
+    if name == "guided":
+        checks.append((isinstance(est.k, int) and est.k >= 1, f"estimator.k must be an integer >= 1, got {est.k!r}"))
+        checks.append((0 < float(est.alpha) <= 1, f"estimator.alpha must be in (0, 1], got {est.alpha!r}"))
     if name == "gfti":
         m = cfg.method
         checks += [
