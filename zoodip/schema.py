@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from zoodip import CONF_DIR, ROOT
 from zoodip.errors import ZoodipError
 
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range
+SEED_MAX = 2**63 - 1  # a signed 64-bit integer: what every seed reaches (the model builder packs it as one)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Knob:
         low = f"{'>' if self.open_low else '>='} {self.low:g}" if self.low is not None else ""
         high = f"{'<' if self.open_high else '<='} {self.high:g}" if self.high is not None else ""
         if self.high == SEED_MAX:
-            high = "<= 2**64 - 1"
+            high = "<= 2**63 - 1"
         return f"{kind} {' and '.join(p for p in (low, high) if p)}".strip()
 
 

@@ -503,11 +503,17 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: s
         write_json(run_dir / "metrics.json", metrics)
     tracker.artifact(run_dir / "learned_embeds.safetensors", f"learned_embeds-{run_dir.name}", "embedding")
     tracker.finish(exit_code=0)
-    summary = f"final_loss={metrics['final_loss']:.5g}, {metrics['iters_per_second']:.2f} it/s"
-    if "loss_ratio" in metrics:
-        summary += f", planted loss_ratio={metrics['loss_ratio']:.3f}, planted_cosine={metrics['planted_cosine']:.3f}"
+    summary = f"final_loss={number(metrics['final_loss'], '.5g')}, {number(metrics['iters_per_second'], '.2f')} it/s"
+    if "loss_ratio" in metrics:  # None when the initial loss is 0 (data.planted_scale=0)
+        summary += (f", planted loss_ratio={number(metrics['loss_ratio'], '.3f')}, "
+                    f"planted_cosine={number(metrics['planted_cosine'], '.3f')}")  # fmt: skip
     print(f"zoodip: completed {metrics['steps']} steps ({summary}); outputs in {run_dir}", file=sys.stderr)
     return metrics
+
+
+def number(value: float | None, spec: str) -> str:
+    """`value` formatted for the closing line, or n/a when there is none."""
+    return "n/a" if value is None else format(value, spec)
 
 
 _TASK_STARTED = False
