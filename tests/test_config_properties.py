@@ -108,11 +108,19 @@ def test_every_limit_passes_the_checks():
     for key, value in good_cases():
         cfg = with_value(key, value)
         check_config(cfg)
-        if not key.startswith(("puts.t_", "train.checkpoint_every")):  # t_low / t_high: cross-checked in validate
-            validate(cfg)
+        validate(cfg)
 
 
-STEP_CASES = [c for c in good_cases() if not c[0].startswith(("method.", "puts.", "eval."))]
+@pytest.mark.parametrize("value", [-1, 900, 5000])
+def test_puts_limits_are_checked_as_a_pair_naming_the_key(value):
+    """t_low and t_high have their types checked in the schema, their range by validate, together."""
+    cfg = with_value("puts.t_low", value)
+    check_config(cfg)
+    with pytest.raises(ZoodipError, match=r"puts.t_low must satisfy 0 <= t_low < t_high"):
+        validate(cfg)
+
+
+STEP_CASES = [c for c in good_cases() if not c[0].startswith(("method.", "eval."))]
 
 
 def first_step(tmp_path, key: str, value) -> None:

@@ -49,8 +49,9 @@ class Knob:
         return f"{kind} {' and '.join(p for p in (low, high) if p)}".strip()
 
 
-# Every numeric and boolean knob of the schema, where its config has it (puts.t_low only for puts=puts, method.* only
-# for method=gfti). model.resolution is the model's own (a multiple of its downsampling), not listed.
+# Every numeric and boolean knob of the schema, where its config has it (method.* only for method=gfti). The range of
+# puts.t_low / t_high is validate's (as a pair: 0 <= t_low < t_high <= the schedule's length). Not listed:
+# model.resolution (the model's own: a multiple of its downsampling).
 KNOBS: dict[str, Knob] = {
     "train.steps": Knob(int, 1),
     "train.seed": Knob(int, 0, SEED_MAX),
@@ -67,8 +68,8 @@ KNOBS: dict[str, Knob] = {
     "sg.enabled": Knob(bool),
     "sg.tau": Knob(int, 2),
     "sg.nu": Knob(float, 0, 1, open_low=True, open_high=True),
-    "puts.t_low": Knob(int, 0),
-    "puts.t_high": Knob(int, 1),
+    "puts.t_low": Knob(int),  # the type here; the range in validate, as a pair: 0 <= t_low < t_high
+    "puts.t_high": Knob(int),
     "optimizer.lr": Knob(float, 0, open_low=True),
     "optimizer.eps": Knob(float, 0),
     "optimizer.weight_decay": Knob(float, 0),
