@@ -589,6 +589,20 @@ def test_atomic_write_respects_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE(path.stat().st_mode) == mode and stat.S_IMODE(tensors.stat().st_mode) == mode
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_built_folders_respect_the_umask(tmp_path, umask, mode):
+    """new_folder (eval/, generate's output, a built toy world) gets mkdir's mode, not mkdtemp's 0o700."""
+    from zoodip.io import new_folder
+
+    old = os.umask(umask)
+    try:
+        with new_folder(tmp_path / "eval") as staging:
+            (staging / "a.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "eval").stat().st_mode) == mode
+
+
 def test_atomic_write_fsyncs_before_the_rename_and_cleans_up_a_failure(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync

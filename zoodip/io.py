@@ -108,6 +108,7 @@ def new_folder(target: str | Path) -> Iterator[Path]:
     target = check_new_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # the mode mkdir would give it, not mkdtemp's 0o700
     try:
         yield staging
         if target.exists():
