@@ -318,3 +318,14 @@ def test_factorial_grid_gets_paired_tests_per_factor(tmp_path: Path) -> None:
     puts = next(t for t in info["paired"] if t["metric"] == "subject_accuracy" and t["level"] == "uniform")
     assert (sg["reference"], sg["pairs"]) == ("rge", 4) and sg["mean_difference"] == pytest.approx(0.1 + 0.005)
     assert (puts["reference"], puts["pairs"]) == ("puts", 4) and puts["mean_difference"] == pytest.approx(-0.3)
+
+
+def test_preempted_and_interrupted_jobs_are_counted_and_labelled(tmp_path: Path) -> None:
+    make_job(tmp_path, "0", {"estimator.name": "rge"}, {"final_loss": 0.1})
+    make_job(tmp_path, "1", {"estimator.name": "spsa"}, {"status": "preempted", "error": None})
+    make_job(tmp_path, "2", {"estimator.name": "one_point"}, {"status": "interrupted", "error": None})
+    out = build_report(tmp_path, wandb_mode="disabled")
+    md = (out / "report.md").read_text()
+    assert "1 completed, 0 failed, 1 preempted, 1 interrupted, 0 missing" in md
+    rows = {r[0]: r for r in section(md, "final_loss (mean ± sd")[1:]}
+    assert rows["spsa"][1] == "preempted" and rows["one_point"][1] == "interrupted"

@@ -246,7 +246,8 @@ def aggregate(df: pd.DataFrame, params: list[str], metric: str) -> pd.DataFrame:
         vals = g.loc[g["status"].eq("completed"), metric].astype(float)
         vals = vals[np.isfinite(vals)]
         status = set(g["status"])
-        label = next((s for s in ("failed", "running") if s in status), "missing") if vals.empty else "ok"
+        unfinished = ("failed", "preempted", "interrupted", "running")
+        label = next((s for s in unfinished if s in status), "missing") if vals.empty else "ok"
         value = math.nan if vals.empty else float(vals.mean())
         sd = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
         cell = dict(zip(params, key, strict=True))
@@ -610,7 +611,8 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
     swept = swept_params(runs, keys)
     grid = grid_params(swept)
     averaged = [p for p in swept if p not in grid] if grid else []
-    counts = {s: int(runs["status"].eq(s).sum()) for s in ("completed", "failed", "running", "missing")}
+    statuses = ("completed", "failed", "preempted", "interrupted", "running", "missing")
+    counts = {s: int(runs["status"].eq(s).sum()) for s in statuses}
     counts["total"] = len(runs)
     atomic_write(out / "runs.csv", lambda tmp: runs.drop(columns="sg_istar_over_tau").to_csv(tmp, index=False))
 
@@ -668,7 +670,8 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
         "",
         f"Multirun: `{root}`  ",
         f"Jobs: {counts['total']} ({counts['completed']} completed, {counts['failed']} failed, "
-        f"{counts['missing']} missing, {counts['running']} running)  ",
+        + "".join(f"{counts[s]} {s}, " for s in ("preempted", "interrupted") if counts[s])
+        + f"{counts['missing']} missing, {counts['running']} running)  ",
         "Swept: " + (", ".join(f"`{p}` ({runs[p].astype(str).nunique()} values)" for p in swept) or "nothing") + "  ",
         "Metrics: " + ", ".join(f"{m} ({_better(m)})" for m in metrics) + "  ",
         ("Grid: " + " x ".join(f"`{p}`" for p in grid) + layout + mean_over if grid else "Grid: none") + "  ",
