@@ -259,3 +259,15 @@ def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
         cfg = compose(config_name="train", overrides=[f"experiments={preset}"])
     assert {k: OmegaConf.select(cfg, k) for k in expected} == expected
     validate(cfg)
+
+
+def test_guided_resumes_bit_identical(tmp_path):
+    """estimator=guided keeps its recent estimates in the checkpoint: 6 steps then raised to 9 equals 9 straight."""
+    from safetensors.torch import load_file
+
+    common = ["data=planted", "estimator=guided", "estimator.k=3", "train.checkpoint_every=3", "eval.enabled=false"]
+    run(compose_train(*common, "train.steps=9"), tmp_path / "straight")
+    run(compose_train(*common, "train.steps=6"), tmp_path / "resumed")
+    run(compose_train(*common, "train.steps=9"), tmp_path / "resumed")
+    a, b = (load_file(tmp_path / d / "learned_embeds.safetensors") for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

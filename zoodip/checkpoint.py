@@ -53,13 +53,14 @@ class TrainState:
     forward_passes: int
     config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0's #14)
     zoodip_version: str | None = None  # the package version that wrote it
+    estimator: list[torch.Tensor] | None = None  # estimator=guided: its recent estimates (GradientMethod.recent)
 
 
 # What a loaded TrainState's fields must be (the rest is checked by the optimizer's and SG's own loaders).
 _TYPES = {"step": int, "theta": torch.Tensor, "optimizer": dict, "sg": dict | None, "generator": torch.Tensor,
           "history": list, "nonfinite": int, "wall_seconds": int | float, "initial_eval_loss": int | float | None,
           "forward_passes": int, "config": dict | None, "zoodip_version": str | None}  # fmt: skip
-_OPTIONAL = {"config": None, "zoodip_version": None}  # fields older records lack
+_OPTIONAL = {"config": None, "zoodip_version": None, "estimator": None}  # fields older records lack
 
 
 def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -316,7 +316,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             )
         with torch.no_grad():
             theta.copy_(state.theta)
-        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg})
+        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "guided": state.estimator})
         generator.set_state(state.generator)
         history, start, nonfinite = state.history, state.step, state.nonfinite
         wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
@@ -332,7 +332,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
             generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
             initial_eval_loss=initial_eval, forward_passes=objective.forward_passes, config=run_config(cfg),
-            zoodip_version=__version__,
+            zoodip_version=__version__, estimator=method_state.get("guided") or None,
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
