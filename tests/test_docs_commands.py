@@ -11,17 +11,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from tests.conftest import compose_train
 from zoodip import CONF_DIR, ROOT
-from zoodip.evaluate import parse_args as eval_args
-from zoodip.evaluate import prepare_config
+from zoodip.evaluate import hydra_argv as eval_argv
 from zoodip.report import hydra_argv as report_argv
 
 DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
-#: Hydra apps and their primary config; zoodip-eval parses key=value itself.
+#: Hydra apps and their primary config.
 HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
+              "zoodip-eval": "train",
               "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard"}  # fmt: skip
-COMMANDS = {*HYDRA_APPS, "zoodip-eval", "zoodip-report"}
+COMMANDS = set(HYDRA_APPS)
 
 
 def doc_commands(path: Path) -> list[str]:
@@ -69,15 +68,13 @@ def compose_hydra(config: str, overrides: list[str]) -> None:
 def check(line: str) -> None:
     command, *args = shlex.split(line, comments=True)
     args = [placeholders_filled(a) for a in args if a != "-m"]
+    if command == "zoodip-report":
+        args = report_argv(args)  # its positional MULTIRUN_DIR
     if command == "zoodip-eval":
-        _, overrides = eval_args(args)
-        prepare_config(compose_train(), overrides)
-    else:
-        if command == "zoodip-report":
-            args = report_argv(args)  # its positional MULTIRUN_DIR
-        if command == "zoodip-dashboard" and args and "=" not in args[0]:
-            args[0] = f"group={args[0]}"  # its positional sweep group
-        compose_hydra(HYDRA_APPS[command], args)
+        args = [a for a in eval_argv(args) if not a.startswith("hydra")]  # train's config plus +run_dir
+    if command == "zoodip-dashboard" and args and "=" not in args[0]:
+        args[0] = f"group={args[0]}"  # its positional sweep group
+    compose_hydra(HYDRA_APPS[command], args)
 
 
 def test_the_docs_have_commands():
@@ -93,5 +90,5 @@ def test_doc_command_composes(doc, line):
 def test_a_bad_command_is_caught():
     with pytest.raises(Exception, match="sg.tauu|tauu"):
         check("zoodip-train sweeps=table3_sg_puts sg.tauu=3")
-    with pytest.raises(Exception, match="unknown override"):
+    with pytest.raises(Exception, match="eval.nope"):
         check("zoodip-eval run_dir=<run> eval.nope=1")

@@ -246,7 +246,7 @@ def test_bench_times_zoodip_trains_step(monkeypatch):
         ("ti_sd21", {"model.arch": "sd21", "optimizer.lr": 5e-3, "train.steps": 5000}),
         ("ti_sdxl", {"model.arch": "sdxl", "train.steps": 5000, "method.name": "backprop"}),
         ("gfti_sd15", {"model.arch": "sd15", "method.name": "gfti", "method.intrinsic_dim": 256, "method.sigma": 1.0,
-                       "method.alpha": 1.0, "method.population": 20, "train.steps": 13000, "puts.kind": "uniform",
+                       "method.alpha": 1.0, "method.population": 30, "train.steps": 13000, "puts.kind": "uniform",
                        "quantization.weights": "int8"}),
     ],
 )  # fmt: skip

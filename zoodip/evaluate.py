@@ -2,6 +2,9 @@
 
     zoodip-eval run_dir=outputs/.../<run> [eval.images_per_prompt=5] [eval.clip.path=DIR] [eval=quick] [logger=none]
 
+A Hydra app on zoodip-train's own config (conf/train.yaml, with run_dir added), so every override is checked against
+the same groups as training; the overrides given are then applied to the run's saved config, which is evaluated.
+
 Protocol. The 25 DreamBooth prompts of the subject (Table S2 living, Table S3 objects; S1.1: the class noun is left
 out unless eval.use_class_token), `eval.images_per_prompt` images each with seeds eval.seed + j (one CPU
 torch.Generator per image, so a rerun or another batch size draws the same starting noise). CLIP-I and DINO (S1.2):
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import hydra
 import pandas as pd
 import torch
 from diffusers import (
@@ -48,7 +52,7 @@ from tqdm import tqdm
 
 from zoodip import CONF_DIR, ROOT, toyworld
 from zoodip.data import read_reference_images, subject_table
-from zoodip.errors import ZoodipError, cli_errors
+from zoodip.errors import EXIT_USAGE, ZoodipError, fail
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
     Components,
@@ -105,7 +109,9 @@ def prepare_config(cfg: DictConfig, overrides: dict[str, Any] | None = None) -> 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     cfg.eval = OmegaConf.merge(_group("eval", "dreambooth"), cfg.get("eval") or {})
     for key, value in (overrides or {}).items():
-        if "." not in key and isinstance(cfg.get(key), DictConfig) and isinstance(value, str):
+        if "." not in key and isinstance(cfg.get(key), DictConfig) and isinstance(value, DictConfig):
+            cfg[key] = value  # a group chosen on zoodip-eval's command line, composed by Hydra
+        elif "." not in key and isinstance(cfg.get(key), DictConfig) and isinstance(value, str):
             cfg[key] = _group(key, value)
         elif OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ZoodipError(f"unknown override {key}={value!r}: the run's config has no key {key!r}")
@@ -648,32 +654,75 @@ class Validator:
 # command line
 
 
-def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
-    """`run_dir=DIR key=value ...` -> (run dir, overrides); values are typed as OmegaConf.from_dotlist types them."""
-    overrides: dict[str, Any] = {}
+def given_overrides(cfg: DictConfig, task: list[str], choices: dict[str, Any]) -> dict[str, Any]:
+    """The command line's overrides as `prepare_config` applies them to the run's config: a group choice
+    (eval=quick) becomes the composed group, a key (eval.images_per_prompt=2) its composed, typed value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out: dict[str, Any] = {}
+    for override in OverridesParser.create().parse_overrides(task):
+        key = override.key_or_group
+        if key == "run_dir" or key.startswith("hydra"):
+            continue
+        out[key] = cfg[key] if key in choices and "." not in key else OmegaConf.select(cfg, key)
+    return out
+
+
+_TASK_STARTED = False
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """zoodip-eval composes zoodip-train's own config (conf/train.yaml), so every override is checked against the
+    same groups; run_dir is an extra key, and Hydra writes nothing into the run folder (no .hydra/, logs to stdout)."""
+    out = []
     for arg in argv:
-        key, sep, _ = arg.partition("=")
-        if not sep or not key:
-            raise ZoodipError(f"expected key=value, got {arg!r}; {USAGE}")
-        overrides[key] = OmegaConf.select(OmegaConf.from_dotlist([arg]), key)
-    run_dir = overrides.pop("run_dir", None)
-    if not run_dir:
-        raise ZoodipError(f"run_dir is required; {USAGE}")
-    return Path(str(run_dir)), overrides
+        if arg.startswith("run_dir="):
+            value = arg.partition("=")[2]
+            out += [f"+{arg}", f"hydra.run.dir={value}"]
+        else:
+            out.append(arg)
+    return [*out, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-@cli_errors
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    global _TASK_STARTED
+    _TASK_STARTED = True
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    run_dir = Path(cfg.run_dir)
+    try:
+        m = evaluate_run(run_dir, given_overrides(cfg, list(hc.overrides.task), dict(hc.runtime.choices)))
+    except ZoodipError as err:
+        fail(str(err))
+    keys = [k for k in SUMMARY_KEYS if k in m and k != "images_per_second"]
+    fmt = {k: "n/a" if m[k] is None else f"{m[k]:.4f}" for k in keys}
+    print(f"zoodip-eval: {' '.join(f'{k}={v}' for k, v in fmt.items())} -> {run_dir / 'eval'}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Console entry point. No run_dir, or one that is no folder, is one sentence before Hydra starts; Hydra's own
+    config errors (unknown key, bad override) exit with 2 too."""
+    global _TASK_STARTED
+    _TASK_STARTED = False
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
+    given = [a.partition("=")[2].strip("'\"") for a in argv if a.startswith("run_dir=")]
+    if not given or not given[-1]:
+        fail(f"run_dir is required; {USAGE}")
+    if not Path(given[-1]).expanduser().is_dir():
+        fail(f"run_dir={given[-1]} is not a folder: give a zoodip-train run folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_dir, overrides = parse_args(argv)
-    m = evaluate_run(run_dir, overrides)
-    keys = [k for k in SUMMARY_KEYS if k in m and k != "images_per_second"]
-    fmt = {k: "n/a" if m[k] is None else f"{m[k]:.4f}" for k in keys}
-    print(f"zoodip-eval: {' '.join(f'{k}={v}' for k, v in fmt.items())} -> {run_dir / 'eval'}", file=sys.stderr)
+    sys.argv = [sys.argv[0], *hydra_argv(argv)]
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _TASK_STARTED:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
 
 
 if __name__ == "__main__":

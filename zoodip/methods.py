@@ -60,6 +60,7 @@ class GradientMethod:
     theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
 
     shared_sample = True  # every loss of a step at the same latent, noise, timestep and prompt
+    resumable = True  # its state goes into a checkpoint
 
     def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter) -> None:
         self.name, self.theta = cfg.estimator.name, theta
@@ -68,11 +69,13 @@ class GradientMethod:
         self.optimizer = make_optimizer(cfg, theta)
         self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
         self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
-        self.recent: list[torch.Tensor] = []  # estimator=guided: the last k estimates, whose span it samples more
+        self.recent: list[torch.Tensor] = []  # estimator=guided: the last k updates of theta (their span: U)
         self.k, self.alpha = int(cfg.estimator.get("k", 0)), float(cfg.estimator.get("alpha", 1.0))
 
     def guided_basis(self) -> torch.Tensor:
-        """U (D, k'): orthonormal columns spanning the last k' <= k gradient estimates (QR)."""
+        """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR). Updates, not the
+        estimates: a Sigma^-1-corrected estimate has its in-subspace part shrunk by alpha / (alpha + (1 - alpha) D / k),
+        so a span of estimates drifts into noise, while Adam's updates average many steps."""
         if not self.recent:
             return torch.zeros(self.theta.numel(), 0)
         q, _ = torch.linalg.qr(torch.stack(self.recent, dim=1))
@@ -91,8 +94,6 @@ class GradientMethod:
             est = backprop(loss_fn, theta.detach())
         elif self.name == "guided":
             est = guided(loss_fn, theta.detach(), self.n, self.mu, seeds, self.guided_basis(), self.alpha)
-            if bool(torch.isfinite(est.grad).all()) and float(est.grad.norm()) > 0:
-                self.recent = [*self.recent, est.grad / est.grad.norm()][-self.k :]
         else:
             est = GRADIENT_ESTIMATORS[self.name](loss_fn, theta.detach(), self.n, self.mu, seeds)
         grad = self.sg.project(est.grad) if self.sg is not None else est.grad
@@ -100,9 +101,12 @@ class GradientMethod:
             grad = grad * self.official_grad_scale()
         finite = math.isfinite(est.loss) and bool(torch.isfinite(est.losses).all()) and bool(torch.isfinite(grad).all())
         if finite:
+            before = theta.detach().clone() if self.name == "guided" else None
             theta.grad = grad.to(theta.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if before is not None and float((update := theta.detach() - before).norm()) > 0:
+                self.recent = [*self.recent, update / update.norm()][-self.k :]
         row = {"grad_norm": float(est.grad.norm()), "projected_grad_norm": float(grad.norm()),
                "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
         istar = self.sg.observe(theta, step) if self.sg is not None else None
@@ -154,6 +158,7 @@ class CMAES:
     """
 
     autograd = False
+    resumable = False  # the cma package's state is only picklable, and checkpoints never hold pickle
 
     def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
         import cma

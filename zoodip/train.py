@@ -92,9 +92,10 @@ def validate(cfg: DictConfig) -> None:
         ),
         (0 <= float(cfg.data.flip_p) <= 1, f"data.flip_p must be in [0, 1], got {cfg.data.flip_p!r}"),
         (
-            not METHODS.get(name, METHODS["rge"]).autograd or cfg.quantization.weights == "none",
+            not METHODS.get(name, METHODS["rge"]).autograd
+            or (cfg.quantization.weights, cfg.quantization.get("others")) in (("none", "none"), ("none", None)),
             "estimator=backprop is the first-order TI baseline through an unquantized model: "
-            "add quantization=none (or use experiments=ti)",
+            "add quantization=none, which also keeps the text encoder and VAE unquantized (or use experiments=ti)",
         ),
     ]
     if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
@@ -373,7 +374,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
         if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
-            write_checkpoint(step, elapsed)
+            if method.resumable:  # GF-TI's cma state cannot be checkpointed: it keeps its token and history only
+                write_checkpoint(step, elapsed)
             write_history(run_dir, history)
             save_embeddings(run_dir, s.text, theta)
             raise Preempted(preemption.requested(), step)
