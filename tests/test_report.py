@@ -89,7 +89,8 @@ def test_grid_heatmap_table_and_best(grid2x2: Path) -> None:
     assert summary["swept"] == ["estimator.mu", "optimizer.lr"] and summary["metrics"] == ["clip_i", "dino_inter"]
     assert summary["best"]["clip_i"]["params"] == {"estimator.mu": 0.01, "optimizer.lr": 0.005}
     assert summary["best"]["dino_inter"]["params"] == {"estimator.mu": 0.001, "optimizer.lr": 0.001}
-    assert summary["counts"] == {"total": 4, "completed": 4, "failed": 0, "running": 0, "missing": 0}
+    assert summary["counts"] == {"total": 4, "completed": 4, "failed": 0, "preempted": 0, "interrupted": 0,
+                                 "running": 0, "missing": 0}  # fmt: skip
 
 
 def test_failed_and_missing_jobs(grid2x2: Path) -> None:

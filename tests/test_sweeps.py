@@ -101,6 +101,7 @@ def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
     assert "failed" in markdown and "loss_ratio" in markdown
 
 
+@pytest.mark.slow  # heavy end to end (issue #13: kept out of make test)
 def test_sweep_file_through_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = zoodip("zoodip.train", "sweeps=tableS8_precision", "hydra/launcher=submitit_local", *TINY_JOB,
