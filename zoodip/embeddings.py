@@ -21,11 +21,36 @@ SDXL_FILE = "learned_embeds_sdxl.safetensors"
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, or one sentence saying why it cannot be read."""
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A diffusers `.bin` ({token: tensor}) or an A1111 `.pt` ({"string_to_param": {"*": tensor}, ...}) embedding,
+    read with torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ZoodipError(f"{path} could not be read by torch.load(weights_only=True) ({type(err).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
+        obj = {str(obj.get("name", "*")): next(iter(obj["string_to_param"].values()))}
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ZoodipError(f"{path} holds no {{token: tensor}} embedding (diffusers .bin or A1111 .pt)")
+    return {str(k): v for k, v in obj.items()}
+
+
+def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, or one sentence saying why it cannot be read. A pickle file (.pt, .bin)
+    is refused, since unpickling can run code, unless `allow_pickle`: then only tensors are read (weights_only)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ZoodipError(f"embedding file {path} does not exist")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ZoodipError(
+                f"{path} is a pickle file, and loading one can run code: convert it to .safetensors, or pass "
+                "allow_pickle=true (data.allow_pickle for data.init_embedding) to read its tensors with weights_only"
+            )
+        return read_pickled_tensors(path)
     try:
         return load_file(str(path))
     except Exception as err:
@@ -56,13 +81,13 @@ def second_file(path: Path) -> Path:
     return path.with_name(f"{path.stem}_2{path.suffix}")
 
 
-def load_embedding(path: str | Path) -> tuple[str | None, list[torch.Tensor]]:
+def load_embedding(path: str | Path, allow_pickle: bool = False) -> tuple[str | None, list[torch.Tensor]]:
     """(token name or None, rows per text encoder) from a diffusers file (plus its `_2` sibling, when there is one)
     or an A1111 SDXL file. A run folder reads its learned_embeds.safetensors."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / DIFFUSERS_FILES[0]
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, allow_pickle)
     if layout(tensors) == "sdxl":
         return None, [as_rows(tensors[k], path, k) for k in SDXL_KEYS]
     (key, value), = tensors.items()  # fmt: skip
@@ -80,13 +105,13 @@ def load_embedding(path: str | Path) -> tuple[str | None, list[torch.Tensor]]:
     return token, rows
 
 
-def load_init_embedding(path: str | Path, expected_widths: list[int]) -> list[torch.Tensor]:
+def load_init_embedding(path: str | Path, expected_widths: list[int], allow_pickle: bool = False) -> list[torch.Tensor]:
     """`data.init_embedding`: the rows per text encoder of a diffusers or A1111 file, checked against the model's
     token widths (768 for SD1.5, 1024 SD2.1, [768, 1280] SDXL, 256 the toy world)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ZoodipError(f"data.init_embedding={str(path)!r} does not exist; give a .safetensors embedding file")
-    _, rows = load_embedding(path)
+    _, rows = load_embedding(path, allow_pickle)
     widths = [r.shape[-1] for r in rows]
     if len(rows) != len(expected_widths):
         hint = " (SDXL: learned_embeds_2.safetensors beside it, or one clip_l/clip_g file)" if len(rows) == 1 else ""

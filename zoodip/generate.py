@@ -73,7 +73,7 @@ def _from_run(cfg: DictConfig) -> tuple[DictConfig, list[torch.Tensor], str]:
 def _from_file(cfg: DictConfig) -> tuple[DictConfig, list[torch.Tensor], str]:
     if cfg.model.get("arch") is None:
         raise ZoodipError("embedding= needs the model it was learned for: add model=sd15 (or sd21, sdxl, toyworld...)")
-    name, rows = load_embedding(str(cfg.embedding))
+    name, rows = load_embedding(str(cfg.embedding), bool(cfg.allow_pickle))
     token = cfg.token or name
     if not token:
         raise ZoodipError(f"{cfg.embedding} does not name its token (A1111 layout): add token='<name>'")

@@ -103,11 +103,11 @@ class TextConditioner:
     def dim(self) -> int:
         return self.num_vectors * sum(self.widths)
 
-    def initial_theta(self, init_embedding: str | None = None) -> torch.Tensor:
+    def initial_theta(self, init_embedding: str | None = None, allow_pickle: bool = False) -> torch.Tensor:
         """theta_0: the initializer token's embedding in every placeholder row, as one fp32 vector; with
         `init_embedding` (data.init_embedding, a diffusers or A1111 file), that file's rows instead."""
         if init_embedding:
-            self.use_rows(load_init_embedding(init_embedding, self.widths))
+            self.use_rows(load_init_embedding(init_embedding, self.widths, allow_pickle))
         return torch.cat([e.init_rows.float().cpu().flatten() for e in self.embeddings])
 
     def use_rows(self, rows: list[torch.Tensor]) -> None:

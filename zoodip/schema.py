@@ -75,6 +75,7 @@ KNOBS: dict[str, Knob] = {
     "optimizer.weight_decay": Knob(float, 0),
     "data.num_vectors": Knob(int, 1),
     "data.flip_p": Knob(float, 0, 1),
+    "data.allow_pickle": Knob(bool),
     "data.planted_rank": Knob(int, 1),
     "data.planted_scale": Knob(float, 0),
     "data.num_images": Knob(int, 1),

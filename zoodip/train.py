@@ -221,7 +221,7 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
 
     text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
     sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
-    theta0 = text.initial_theta(data_cfg.get("init_embedding"))
+    theta0 = text.initial_theta(data_cfg.get("init_embedding"), bool(data_cfg.get("allow_pickle", False)))
     if data_cfg.kind == "dreambooth":
         mean, std = encode_latents(parts.vae, images, device)
         prompts = [[c] for c in captions] if captions else [TEMPLATES[data_cfg.template]] * len(names)
