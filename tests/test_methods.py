@@ -271,3 +271,10 @@ def test_guided_resumes_bit_identical(tmp_path):
     run(compose_train(*common, "train.steps=9"), tmp_path / "resumed")
     a, b = (load_file(tmp_path / d / "learned_embeds.safetensors") for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", ["puts.t_low=0.5", "puts.t_low=true"])
+def test_validate_alone_types_puts_before_comparing(bad):
+    """validate() is what bench and library callers use: a float or bool T_L is one sentence, not a TypeError."""
+    with pytest.raises(ZoodipError, match="must be integers"):
+        validate(compose_train(bad))

@@ -120,8 +120,10 @@ def validate(cfg: DictConfig) -> None:
         ]  # fmt: skip
     if puts.kind == "puts":
         low, high = puts.t_low, puts.t_high
-        checks.append((isinstance(low, int) and isinstance(high, int), "puts.t_low and puts.t_high must be integers"))
-        checks.append((0 <= low < high, f"puts.t_low must satisfy 0 <= t_low < t_high, got t_low={low}, t_high={high}"))
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
+        checks.append((integers, "puts.t_low and puts.t_high must be integers"))
+        checks.append((not integers or 0 <= low < high,
+                       f"puts.t_low must satisfy 0 <= t_low < t_high, got t_low={low}, t_high={high}"))  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise ZoodipError(message)
