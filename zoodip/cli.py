@@ -30,6 +30,8 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[
     entry = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(body)
 
     def main() -> None:
+        nonlocal started
+        started = False  # per call: a test or notebook may run the entry point more than once in one process
         try:
             entry()
         except SystemExit as exit_:

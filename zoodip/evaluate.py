@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import hydra
 import pandas as pd
 import torch
 from diffusers import (
@@ -51,8 +50,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from zoodip import CONF_DIR, ROOT, toyworld
+from zoodip.cli import hydra_app
 from zoodip.data import read_reference_images, subject_table
-from zoodip.errors import EXIT_USAGE, ZoodipError, fail
+from zoodip.errors import ZoodipError, fail
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.models import (
     Components,
@@ -668,9 +668,6 @@ def given_overrides(cfg: DictConfig, task: list[str], choices: dict[str, Any]) -
     return out
 
 
-_TASK_STARTED = False
-
-
 def hydra_argv(argv: list[str]) -> list[str]:
     """zoodip-eval composes zoodip-train's own config (conf/train.yaml), so every override is checked against the
     same groups; run_dir is an extra key, and Hydra writes nothing into the run folder (no .hydra/, logs to stdout)."""
@@ -684,28 +681,24 @@ def hydra_argv(argv: list[str]) -> list[str]:
     return [*out, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
-    global _TASK_STARTED
-    _TASK_STARTED = True
+def evaluate_task(cfg: DictConfig) -> None:
+    """The task of the Hydra app (zoodip-train's config plus run_dir)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     run_dir = Path(cfg.run_dir)
-    try:
-        m = evaluate_run(run_dir, given_overrides(cfg, list(hc.overrides.task), dict(hc.runtime.choices)))
-    except ZoodipError as err:
-        fail(str(err))
+    m = evaluate_run(run_dir, given_overrides(cfg, list(hc.overrides.task), dict(hc.runtime.choices)))
     keys = [k for k in SUMMARY_KEYS if k in m and k != "images_per_second"]
     fmt = {k: "n/a" if m[k] is None else f"{m[k]:.4f}" for k in keys}
     print(f"zoodip-eval: {' '.join(f'{k}={v}' for k, v in fmt.items())} -> {run_dir / 'eval'}", file=sys.stderr)
 
 
+hydra_main = hydra_app("train", evaluate_task)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. No run_dir, or one that is no folder, is one sentence before Hydra starts; Hydra's own
     config errors (unknown key, bad override) exit with 2 too."""
-    global _TASK_STARTED
-    _TASK_STARTED = False
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -717,12 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"run_dir={given[-1]} is not a folder: give a zoodip-train run folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.argv = [sys.argv[0], *hydra_argv(argv)]
-    try:
-        hydra_main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and not _TASK_STARTED:
-            raise SystemExit(EXIT_USAGE) from None
-        raise
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 import yaml
@@ -67,8 +66,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
-from zoodip import CONF_DIR
-from zoodip.errors import EXIT_USAGE, ZoodipError, fail
+from zoodip.cli import hydra_app
+from zoodip.errors import ZoodipError, fail
 from zoodip.io import atomic_write, atomic_write_text, read_json, write_json
 
 TRAIN_KEYS = [
@@ -687,7 +686,6 @@ def build_report(multirun_dir: str | Path, metrics: list[str] | str | None = Non
 # ----------------------------------------------------------------------------- command line
 
 USAGE = "usage: zoodip-report MULTIRUN_DIR [report.metrics=[clip_t,clip_i]] [logger=none|wandb] [logger.mode=offline]"
-_TASK_STARTED = False
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -696,19 +694,17 @@ def check_config(cfg: DictConfig) -> None:
         raise ZoodipError(f"logger.mode={cfg.logger.mode} is not a W&B mode; use offline, online or disabled")
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="report", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
-    global _TASK_STARTED
-    _TASK_STARTED = True
-    try:
-        check_config(cfg)
-        metrics = OmegaConf.to_container(cfg.report, resolve=True)["metrics"]
-        mode = "disabled" if cfg.logger.name == "none" else cfg.logger.mode
-        out = build_report(cfg.multirun_dir, metrics, wandb_mode=mode, output=cfg.report.output,
-                           project=cfg.logger.project)  # fmt: skip
-    except ZoodipError as err:
-        fail(str(err))
+def report(cfg: DictConfig) -> None:
+    """The task of the Hydra app (conf/report.yaml)."""
+    check_config(cfg)
+    metrics = OmegaConf.to_container(cfg.report, resolve=True)["metrics"]
+    mode = "disabled" if cfg.logger.name == "none" else cfg.logger.mode
+    out = build_report(cfg.multirun_dir, metrics, wandb_mode=mode, output=cfg.report.output,
+                       project=cfg.logger.project)  # fmt: skip
     print(f"report: {out / 'report.md'}")
+
+
+hydra_main = hydra_app("report", report)
 
 
 def hydra_argv(argv: list[str]) -> list[str]:
@@ -721,8 +717,6 @@ def hydra_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; Hydra's own config errors (unknown key, bad override, no MULTIRUN_DIR) exit with 2."""
-    global _TASK_STARTED
-    _TASK_STARTED = False
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__)
@@ -733,12 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     if given and not Path(given[0]).expanduser().is_dir():  # before Hydra makes its report folder inside it
         fail(f"multirun directory {given[0]} does not exist")
     sys.argv = [sys.argv[0], *hydra_argv(argv)]
-    try:
-        hydra_main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and not _TASK_STARTED:
-            raise SystemExit(EXIT_USAGE) from None
-        raise
+    hydra_main()
 
 
 if __name__ == "__main__":
