@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, one torch thread each (tests/conftest.py); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install zoodip with its dependencies (editable)
 
 test: $(STAMP) ## Run the fast test suite (CPU, tiny models, no network)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Run only the slow checks (real SD architectures with random weights)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -14,6 +14,11 @@ from PIL import Image
 
 from zoodip import CONF_DIR
 
+# Under pytest-xdist (`make test` runs two workers) each worker gets one torch thread: two processes with two
+# threads each on two cores spin against each other and run many times slower (BENCHMARKS.md).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,7 +18,7 @@ from zoodip.report import hydra_argv as report_argv
 DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
 #: Hydra apps and their primary config.
 HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
-              "zoodip-eval": "train",
+              "zoodip-eval": "train", "zoodip-compare": "compare",
               "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard"}  # fmt: skip
 COMMANDS = set(HYDRA_APPS)
 
@@ -68,8 +68,8 @@ def compose_hydra(config: str, overrides: list[str]) -> None:
 def check(line: str) -> None:
     command, *args = shlex.split(line, comments=True)
     args = [placeholders_filled(a) for a in args if a != "-m"]
-    if command == "zoodip-report":
-        args = report_argv(args)  # its positional MULTIRUN_DIR
+    if command in ("zoodip-report", "zoodip-compare"):
+        args = report_argv(args)  # their positional MULTIRUN_DIR
     if command == "zoodip-eval":
         args = [a for a in eval_argv(args) if not a.startswith("hydra")]  # train's config plus +run_dir
     if command == "zoodip-dashboard" and args and "=" not in args[0]:

@@ -32,7 +32,7 @@ def test_rge_hand_computation():
 
 def test_spsa_hand_computation():
     theta = torch.tensor([0.5, -1.0, 2.0])
-    f = lambda x: (x**3).sum(-1)  # noqa: E731
+    f = lambda x, groups=None: (x**3).sum(-1)  # noqa: E731
     mu = 0.05
     e1, e2 = direction(SEEDS[0], 3), direction(SEEDS[1], 3)
     by_hand = ((f(theta + mu * e1) - f(theta - mu * e1)) / (2 * mu) * e1
@@ -93,7 +93,7 @@ def test_antithetic_is_the_central_difference_exact_on_a_quadratic():
     b = torch.randn(dim, generator=g, dtype=torch.float64)
     theta = torch.randn(dim, generator=g)
 
-    def loss_fn(thetas):
+    def loss_fn(thetas, groups=None):
         t = thetas.double()
         return 0.5 * ((t @ a) * t).sum(dim=1) + t @ b
 
@@ -130,3 +130,94 @@ def test_guided_sampling_is_unbiased_and_its_inverse_is_exact():
     )
     torch.testing.assert_close(estimates.mean(0), w, atol=0.25, rtol=0)
     assert guided(linear, torch.zeros(dim), 2, 1e-3, [0, 1, 2], basis, alpha).forward_passes == 3
+
+
+def quadratic(hess_diag: torch.Tensor, b: torch.Tensor):
+    """f = 1/2 sum_j h_j theta_j^2 + b . theta (float64): its gradient h * theta + b and diag(H) = h are known."""
+
+    def f(thetas: torch.Tensor, groups=None) -> torch.Tensor:
+        t = thetas.double()
+        return 0.5 * (t**2 * hess_diag).sum(-1) + t @ b
+
+    return f
+
+
+def test_hizoo_hand_computation_and_state_update():
+    """One step by hand: Sigma = clip(mean(h) / h), g = (L+ - L-) / (2 mu) Sigma^1/2 u, h <- (1 - a) h + a |h_hat|
+    with h_hat = (L+ + L- - 2 L0) / (2 mu^2) (u^2 - 1) / Sigma; 2n + 1 passes."""
+    from zoodip.estimators import hizoo
+
+    h_true, b = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    f = quadratic(h_true, b)
+    theta, mu, a = torch.tensor([0.5, -1.0, 2.0]), 0.1, 0.5
+    h = torch.tensor([1.0, 2.0, 100.0])
+    sigma = (h.mean() / h).clamp(1 / 10, 10)  # the third entry is clipped: 34.33 / 100 -> 0.3433; 34.33 / 1 -> 10
+    assert float(sigma[0]) == 10.0
+    u = direction(SEEDS[0], 3)
+    step = mu * sigma.sqrt() * u
+    lp, lm, l0 = (float(f((theta + step)[None])), float(f((theta - step)[None])), float(f(theta[None])))
+    grad = (lp - lm) / (2 * mu) * sigma.sqrt() * u
+    h_hat = (lp + lm - 2 * l0) / (2 * mu**2) * (u**2 - 1) / sigma
+    expected_h = 0.5 * h + 0.5 * h_hat.abs()
+    est = hizoo(f, theta, 1, mu, SEEDS, h, a, 10.0)
+    torch.testing.assert_close(est.grad, grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h, expected_h.float(), rtol=1e-4, atol=1e-5)
+    assert est.forward_passes == 3 and est.loss == pytest.approx(l0)
+
+
+def test_hizoo_curvature_estimate_is_unbiased_and_gradient_is_preconditioned():
+    """On a quadratic, the mean of h_hat over many directions is diag(H), and the mean of g is Sigma grad."""
+    from zoodip.estimators import hizoo
+
+    h_true = torch.tensor([0.5, 2.0, 8.0, 1.0], dtype=torch.float64)
+    b = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    f, theta = quadratic(h_true, b), torch.tensor([0.2, 0.1, -0.3, 0.4])
+    h0 = torch.tensor([1.0, 1.0, 2.0, 4.0])
+    sigma = (h0.mean() / h0).clamp(0.1, 10).double()
+    hats, grads = [], []
+    for i in range(6000):
+        h = h0.clone()  # smoothing 1: h becomes |h_hat| itself, which is h_hat's size up to sign
+        est = hizoo(f, theta, 1, 1e-2, [i, 0], h, 1.0, 10.0)
+        u = direction(i, 4).double()
+        hats.append(h.double() * torch.sign(u**2 - 1))  # on a convex quadratic h_hat's sign is (u^2 - 1)'s
+        grads.append(est.grad.double())
+    grad_true = h_true * theta.double() + b
+    torch.testing.assert_close(torch.stack(grads).mean(0), sigma * grad_true, atol=0.08, rtol=0)
+    mean_hat = torch.stack(hats).mean(0)
+    torch.testing.assert_close(mean_hat, h_true, atol=0.6, rtol=0.15)
+
+
+def test_prgf_keeps_the_prior_and_is_the_projection_on_a_linear_loss():
+    """On a linear loss, g = sum_i (w . u_i) u_i exactly: the projection of w onto span(v, u_2..u_n); with the prior
+    along w the estimate is w itself; n + 1 passes."""
+    from zoodip.estimators import prgf
+
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    f = lambda x, groups=None: x @ w  # noqa: E731
+    est = prgf(f, torch.zeros(4), 2, 1e-3, SEEDS, prior=w * 7)
+    torch.testing.assert_close(est.grad, w, atol=1e-3, rtol=1e-3)
+    assert est.forward_passes == 3
+    v = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    est = prgf(f, torch.zeros(4), 2, 1e-3, SEEDS, prior=v)
+    u2 = direction(SEEDS[0], 4)
+    u2 = u2 - (u2 @ v) * v
+    u2 = u2 / u2.norm()
+    torch.testing.assert_close(est.grad, (w @ v) * v + (w @ u2) * u2, atol=1e-3, rtol=1e-3)
+    no_prior = prgf(f, torch.zeros(4), 2, 1e-3, SEEDS, prior=torch.zeros(0))
+    assert no_prior.forward_passes == 3 and float(no_prior.grad.norm()) <= float(w.norm()) + 1e-3
+
+
+def test_spsa_and_antithetic_mark_their_pairs():
+    """puts.stratified relies on these groups: each +/- pair shares one group; antithetic's L(theta) is group 0."""
+    from zoodip.estimators import antithetic
+
+    seen = {}
+
+    def f(thetas, groups=None):
+        seen["groups"] = groups
+        return thetas.sum(-1)
+
+    spsa(f, torch.zeros(3), 3, 0.1, direction_seeds(0, 0, 4))
+    assert seen["groups"] == [0, 1, 2, 0, 1, 2]
+    antithetic(f, torch.zeros(3), 4, 0.1, direction_seeds(0, 0, 5))
+    assert seen["groups"] == [0, 0, 1, 0, 1]

@@ -34,7 +34,8 @@ def test_every_estimator_config_is_a_registry_entry():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [((), 3), (("estimator=spsa",), 4), (("estimator=one_point",), 3), (("estimator=antithetic",), 3),
-     (("estimator=guided", "estimator.k=2"), 3),
+     (("estimator=guided", "estimator.k=2"), 3), (("estimator=hizoo",), 3), (("estimator=prgf",), 3),
+     (("estimator=hizoo", "estimator.n=2"), 5),
      (("experiments=ti", "model=tiny"), 1), (("method=gfti", "method.population=5", "train.checkpoint_every=0"), 5)],
 )  # fmt: skip
 def test_forward_passes_per_step_are_the_registrys(tmp_path, overrides, expected):
@@ -261,11 +262,15 @@ def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
     validate(cfg)
 
 
-def test_guided_resumes_bit_identical(tmp_path):
-    """estimator=guided keeps its recent estimates in the checkpoint: 6 steps then raised to 9 equals 9 straight."""
+@pytest.mark.parametrize(
+    "estimator", [("estimator=guided", "estimator.k=3"), ("estimator=hizoo",), ("estimator=prgf",)]
+)
+def test_stateful_estimators_resume_bit_identical(tmp_path, estimator):
+    """guided and prgf keep their recent updates, hizoo its diag(H), in the checkpoint: 6 steps then raised to 9
+    equals 9 straight."""
     from safetensors.torch import load_file
 
-    common = ["data=planted", "estimator=guided", "estimator.k=3", "train.checkpoint_every=3", "eval.enabled=false"]
+    common = ["data=planted", *estimator, "train.checkpoint_every=3", "eval.enabled=false"]
     run(compose_train(*common, "train.steps=9"), tmp_path / "straight")
     run(compose_train(*common, "train.steps=6"), tmp_path / "resumed")
     run(compose_train(*common, "train.steps=9"), tmp_path / "resumed")

@@ -42,10 +42,12 @@ def test_every_sweep_composes_as_a_multirun(name):
 
 def test_sweep_sizes_match_the_paper():
     sizes = {name: len(expand(compose_sweep(name))) for name in SWEEPS}
-    # S4-S7 sweep the paper's two subjects (dog6, shiny_sneaker) beside their grid (S2)
+    # S4-S7 sweep the paper's two subjects (dog6, shiny_sneaker) beside their grid (S2); compare_methods (issue #17)
+    # the six toy-world subjects x 3 seeds x 5 estimators
     assert sizes == {"fig7_tl_tu": 55, "subjects": 30, "table3_sg_puts": 4, "table4_tau_nu": 20,
                      "table5_timesteps": 3, "tableS4_estimators": 2 * 3, "tableS5_mu": 2 * 3, "tableS6_n": 2 * 4,
-                     "tableS7_puts_ti": 2 * 2, "tableS8_precision": 2}  # fmt: skip
+                     "tableS7_puts_ti": 2 * 2, "tableS8_precision": 2,
+                     "compare_methods": 6 * 3 * 5}  # fmt: skip
 
 
 def test_fig7_launches_exactly_the_valid_pairs():

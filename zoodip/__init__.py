@@ -33,3 +33,4 @@ if not OmegaConf.has_resolver("zoodip_root"):
     OmegaConf.register_new_resolver("zoodip_group", sweep_group)
     OmegaConf.register_new_resolver("zoodip_subject_folder", subject_folder)
     OmegaConf.register_new_resolver("zoodip_report_dir", lambda output, multirun: output or f"{multirun}/report")
+    OmegaConf.register_new_resolver("zoodip_compare_dir", lambda output, multirun: output or f"{multirun}/compare")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+#: (candidates (m, D), groups) -> losses (m,). `groups` (one int per candidate, or None) marks evaluations that must
+#: share a timestep; with puts.stratified each group gets its own stratum of [T_L, T_U) (train.py: training_step).
+LossFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -59,7 +61,7 @@ def spsa(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[in
     dim = theta.numel()
     dirs = [direction(s, dim) for s in seeds[:n]]
     candidates = torch.stack([theta + mu * e for e in dirs] + [theta - mu * e for e in dirs])
-    losses = loss_fn(candidates).float().cpu()
+    losses = loss_fn(candidates, groups=list(range(n)) * 2).float().cpu()  # each +/- pair shares its sample
     grad = combine((losses[:n] - losses[n:]) / (2 * mu), seeds[:n], dim)
     return Estimate(grad, float(losses.mean()), losses, 2 * n)
 
@@ -88,7 +90,7 @@ def antithetic(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: l
     dim, half = theta.numel(), n // 2
     dirs = [direction(s, dim) for s in seeds[:half]]
     candidates = torch.stack([theta] + [theta + mu * e for e in dirs] + [theta - mu * e for e in dirs])
-    losses = loss_fn(candidates).float().cpu()
+    losses = loss_fn(candidates, groups=[0] + list(range(half)) * 2).float().cpu()
     grad = combine((losses[1 : half + 1] - losses[half + 1 :]) / (2 * mu), seeds[:half], dim)
     return Estimate(grad, float(losses[0]), losses, n + 1)
 
@@ -125,6 +127,51 @@ def guided(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[
     dirs = guided_directions(seeds[:n], basis, alpha)
     losses = loss_fn(torch.cat([theta[None], theta + mu * dirs])).float().cpu()
     grad = guided_inverse(((losses[1:] - losses[0]) / mu) @ dirs / n, basis, alpha)
+    return Estimate(grad, float(losses[0]), losses, n + 1)
+
+
+def hizoo(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int], hessian: torch.Tensor,
+          smoothing: float, clip: float) -> Estimate:  # fmt: skip
+    """Diagonal-curvature RGE in the manner of HiZOO (Zhao et al. 2024, arXiv 2402.15173, Alg. 1). `hessian` h (D,)
+    is a running estimate of diag(H); the perturbations are preconditioned by Sigma = diag(mean(h) / h), clipped to
+    [1/clip, clip] (HiZOO uses Sigma = diag(h)^-1 itself; normalizing by mean(h) keeps mu * Sigma^1/2 u on RGE's
+    scale, so mu and lr keep their meaning). With u_i ~ N(0, I), and L_0, L_i+, L_i- the losses at theta and
+    theta +/- mu Sigma^1/2 u_i:
+
+        g = 1/n sum_i (L_i+ - L_i-) / (2 mu) * Sigma^1/2 u_i                      E[g] = Sigma grad (a Newton-like step)
+        h_hat = 1/n sum_i (L_i+ + L_i- - 2 L_0) / (2 mu^2) * (u_i^2 - 1) / Sigma   E[h_hat] = diag(H) on a quadratic
+        h <- (1 - smoothing) h + smoothing |h_hat|                                    (HiZOO's EMA of |diag|)
+
+    `hessian` is updated in place; 2n + 1 forward passes (n = 1: three, ZOODiP's count)."""
+    dim = theta.numel()
+    sigma = (hessian.mean() / hessian).clamp(1 / clip, clip)
+    dirs = torch.stack([direction(s, dim) for s in seeds[:n]])
+    steps = mu * sigma.sqrt() * dirs
+    losses = loss_fn(torch.cat([theta[None], theta + steps, theta - steps])).float().cpu()
+    plus, minus = losses[1 : n + 1], losses[n + 1 :]
+    grad = (((plus - minus) / (2 * mu)) @ dirs) * sigma.sqrt() / n
+    curvature = (((plus + minus - 2 * losses[0]) / (2 * mu**2)) @ (dirs**2 - 1)) / sigma / n
+    if torch.isfinite(curvature).all():
+        hessian.mul_(1 - smoothing).add_(curvature.abs(), alpha=smoothing)
+    return Estimate(grad, float(losses[0]), losses, 2 * n + 1)
+
+
+def prgf(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int], prior: torch.Tensor) -> Estimate:
+    """Prior-guided random gradient-free estimate with a historical prior (History-PRGF; Cheng et al. 2019,
+    convergence in arXiv 2107.10110): the directional derivatives along an orthonormal set u_1 = v (the prior, the
+    last update of theta) and u_2..u_n (Gaussian, orthonormalized against v and each other),
+
+        g = sum_i (L(theta + mu u_i) - L(theta)) / mu * u_i,
+
+    the projection of the gradient onto span(u_1..u_n). Biased (a projection, like SG, but it keeps the trajectory's
+    direction where SG removes directions); with no prior yet, u_1 is random too. n + 1 forward passes."""
+    dim = theta.numel()
+    columns = [prior / prior.norm()] if prior.numel() and float(prior.norm()) > 0 else []
+    columns += [direction(s, dim) for s in seeds[: n - len(columns)]]
+    basis, _ = torch.linalg.qr(torch.stack(columns, dim=1))  # (D, n); QR keeps u_1 along v (up to sign)
+    dirs = basis.T.contiguous()
+    losses = loss_fn(torch.cat([theta[None], theta + mu * dirs])).float().cpu()
+    grad = ((losses[1:] - losses[0]) / mu) @ dirs
     return Estimate(grad, float(losses[0]), losses, n + 1)
 
 

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from zoodip.errors import ZoodipError
-from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds, guided
+from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds, guided, hizoo, prgf
 from zoodip.subspace import SubspaceGradient
 
 log = logging.getLogger("zoodip.methods")
@@ -39,6 +39,8 @@ class StepResult:
     losses: torch.Tensor
     finite: bool
     log: dict[str, float] = field(default_factory=dict)
+    estimate: torch.Tensor | None = None  # the raw gradient estimate (gradient methods), for diagnostics
+    applied: torch.Tensor | None = None  # what went to the optimizer: the estimate after SG's projection
 
 
 def make_optimizer(cfg: DictConfig, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
@@ -69,8 +71,14 @@ class GradientMethod:
         self.optimizer = make_optimizer(cfg, theta)
         self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
         self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
-        self.recent: list[torch.Tensor] = []  # estimator=guided: the last k updates of theta (their span: U)
-        self.k, self.alpha = int(cfg.estimator.get("k", 0)), float(cfg.estimator.get("alpha", 1.0))
+        est = cfg.estimator
+        # estimator=guided / prgf: the last k updates of theta (guided: their span U; prgf: the prior, k = 1)
+        self.recent: list[torch.Tensor] = []
+        self.k = 1 if self.name == "prgf" else int(est.get("k", 0))
+        self.alpha = float(est.get("alpha", 1.0))
+        # estimator=hizoo: the running estimate of diag(H), HiZOO's Sigma^-1 up to scale (1 at the start: Sigma = I)
+        self.hessian = torch.ones(theta.numel()) if self.name == "hizoo" else None
+        self.smoothing, self.clip = float(est.get("smoothing", 0.0)), float(est.get("clip", 1.0))
 
     def guided_basis(self) -> torch.Tensor:
         """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR). Updates, not the
@@ -94,6 +102,11 @@ class GradientMethod:
             est = backprop(loss_fn, theta.detach())
         elif self.name == "guided":
             est = guided(loss_fn, theta.detach(), self.n, self.mu, seeds, self.guided_basis(), self.alpha)
+        elif self.name == "prgf":
+            prior = self.recent[-1] if self.recent else torch.zeros(0)
+            est = prgf(loss_fn, theta.detach(), self.n, self.mu, seeds, prior)
+        elif self.name == "hizoo":
+            est = hizoo(loss_fn, theta.detach(), self.n, self.mu, seeds, self.hessian, self.smoothing, self.clip)
         else:
             est = GRADIENT_ESTIMATORS[self.name](loss_fn, theta.detach(), self.n, self.mu, seeds)
         grad = self.sg.project(est.grad) if self.sg is not None else est.grad
@@ -101,7 +114,7 @@ class GradientMethod:
             grad = grad * self.official_grad_scale()
         finite = math.isfinite(est.loss) and bool(torch.isfinite(est.losses).all()) and bool(torch.isfinite(grad).all())
         if finite:
-            before = theta.detach().clone() if self.name == "guided" else None
+            before = theta.detach().clone() if self.k else None
             theta.grad = grad.to(theta.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -112,17 +125,28 @@ class GradientMethod:
         istar = self.sg.observe(theta, step) if self.sg is not None else None
         if istar is not None:
             row["sg_istar_over_tau"] = istar / self.sg.tau
-        return StepResult(est.loss, est.losses, finite, row)
+        if self.hessian is not None:
+            row["hessian_spread"] = float(self.hessian.max() / self.hessian.min())
+        return StepResult(est.loss, est.losses, finite, row, est.grad, grad)
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer's and SG's state, and the estimator's own: guided's and prgf's recent updates, or hizoo's
+        diag(H) estimate (one list of tensors: the checkpoint's `estimator` field)."""
+        own = [self.hessian.clone()] if self.hessian is not None else [g.clone() for g in self.recent]
         return {"optimizer": self.optimizer.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None,
-                "guided": [g.clone() for g in self.recent]}  # fmt: skip
+                "estimator": own}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sg is not None and state.get("sg") is not None:
             self.sg.load_state_dict(state["sg"])
-        self.recent = [g.clone() for g in state.get("guided") or []]
+        own = [g.clone() for g in state.get("estimator") or []]
+        if self.hessian is not None:
+            if len(own) != 1 or own[0].shape != self.hessian.shape:
+                raise ZoodipError("the checkpoint holds no diag(H) estimate of this token's size for estimator=hizoo")
+            self.hessian = own[0]
+        else:
+            self.recent = own
 
 
 def pca_basis(tables: list[torch.Tensor], num_vectors: int, intrinsic_dim: int) -> torch.Tensor:
@@ -224,6 +248,13 @@ METHODS: dict[str, MethodSpec] = {
     "one_point": MethodSpec(False, _n_plus_1, _gradient, "one-point (Eq. S12), SG, ZO-Adam"),
     "antithetic": MethodSpec(False, _n_plus_1, _gradient, "antithetic RGE (+/- pairs sharing L(theta)), SG, ZO-Adam"),
     "guided": MethodSpec(False, _n_plus_1, _gradient, "guided subspace sampling (unbiased), SG, ZO-Adam"),
+    "hizoo": MethodSpec(
+        False,
+        lambda c: 2 * int(c.estimator.n) + 1,
+        _gradient,
+        "HiZOO-style diagonal-curvature RGE (+/- pairs, diag(H) EMA), SG, ZO-Adam",
+    ),
+    "prgf": MethodSpec(False, _n_plus_1, _gradient, "History-PRGF (last update as prior + n-1 random), SG, ZO-Adam"),
     "backprop": MethodSpec(True, lambda c: 1, _gradient, "first-order Textual Inversion (backprop)"),
     "gfti": MethodSpec(False, lambda c: int(c.method.population), CMAES, "GF-TI: CMA-ES in a PCA subspace"),
 }

@@ -27,8 +27,11 @@ class Knob:
     high: float | None = None
     open_low: bool = False  # low itself is not allowed
     open_high: bool = False
+    nullable: bool = False  # null (unset) is allowed too
 
     def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
         if self.kind is bool:
             return isinstance(value, bool)
         number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -46,7 +49,8 @@ class Knob:
         high = f"{'<' if self.open_high else '<='} {self.high:g}" if self.high is not None else ""
         if self.high == SEED_MAX:
             high = "<= 2**63 - 1"
-        return f"{kind} {' and '.join(p for p in (low, high) if p)}".strip()
+        text = f"{kind} {' and '.join(p for p in (low, high) if p)}".strip()
+        return f"{text} or null" if self.nullable else text
 
 
 # Every numeric and boolean knob of the schema, where its config has it (method.* only for method=gfti). The range of
@@ -70,6 +74,12 @@ KNOBS: dict[str, Knob] = {
     "sg.nu": Knob(float, 0, 1, open_low=True, open_high=True),
     "puts.t_low": Knob(int),  # the type here; the range in validate, as a pair: 0 <= t_low < t_high
     "puts.t_high": Knob(int),
+    "puts.stratified": Knob(bool),
+    "estimator.smoothing": Knob(float, 0, 1, open_low=True),
+    "estimator.clip": Knob(float, 1),
+    "train.forward_budget": Knob(int, 1, nullable=True),
+    "train.keep_tokens_every": Knob(int, 0),
+    "train.grad_cosine_every": Knob(int, 0),
     "optimizer.lr": Knob(float, 0, open_low=True),
     "optimizer.eps": Knob(float, 0),
     "optimizer.weight_decay": Knob(float, 0),

@@ -41,6 +41,14 @@ class TimestepSampler:
         self.kind, self.t_low, self.t_high = kind, t_low, t_high
         self.alphas_cumprod = alphas_cumprod
 
+    def strata(self, generator: torch.Generator, count: int) -> list[int]:
+        """`count` timesteps, one uniform in each of `count` equal strata of [T_L, T_U) (uniform: [0, T)). Each
+        marginal is its stratum's and their mixture is Eq. 9's U(T_L, T_U), so an average over them estimates the
+        same expected loss with less variance (puts.stratified)."""
+        low, high = (self.t_low, self.t_high) if self.kind == "puts" else (0, len(self.alphas_cumprod))
+        offsets = torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+        return [low + min(int((i + u) * (high - low) / count), high - low - 1) for i, u in enumerate(offsets)]
+
     def __call__(self, generator: torch.Generator) -> int:
         if self.kind == "puts":
             return puts(generator, self.t_low, self.t_high)

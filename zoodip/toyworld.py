@@ -138,6 +138,13 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return f"a photo of {text}" if rng.random() < 0.5 else text
 
 
+def true_words(subject: str) -> str:
+    """The words a subject's token stands for, as the world's captions say them: "a red circle"."""
+    scene = parse_subject(subject)
+    described = f"{scene.colour} {scene.shape}"
+    return f"{article(described)} {described}"
+
+
 def full_caption(scene: Scene) -> str:
     """The caption that names everything, as the acceptance check prompts it."""
     described = f"{scene.colour} {scene.shape}"

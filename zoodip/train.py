@@ -14,9 +14,10 @@ from typing import Any
 import hydra
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -41,7 +42,7 @@ from zoodip.data import (
 )
 from zoodip.embeddings import write_run_sdxl_embedding
 from zoodip.errors import EXIT_USAGE, ZoodipError
-from zoodip.estimators import LossFn
+from zoodip.estimators import LossFn, backprop
 from zoodip.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
 from zoodip.health import Health
 from zoodip.io import atomic_write, read_json, write_json
@@ -104,6 +105,11 @@ def validate(cfg: DictConfig) -> None:
         checks.append(
             (est.n % 2 == 0, f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
         )
+    if puts.get("stratified"):
+        checks.append((name in ("spsa", "antithetic") and puts.kind in ("puts", "uniform"),
+                       "puts.stratified gives each +/- pair its own timestep, so that common random numbers still hold "
+                       f"within a pair: it needs estimator=spsa or antithetic with puts=puts or uniform, not {name} "
+                       f"with {puts.kind}"))  # fmt: skip
     if name == "guided":
         checks.append((isinstance(est.k, int) and est.k >= 1, f"estimator.k must be an integer >= 1, got {est.k!r}"))
         checks.append((0 < float(est.alpha) <= 1, f"estimator.alpha must be in (0, 1], got {est.alpha!r}"))
@@ -148,6 +154,29 @@ def save_embeddings(run_dir: Path, text: TextConditioner, theta: torch.Tensor) -
     write_run_sdxl_embedding(run_dir)  # SDXL: also the one-file clip_l / clip_g layout of A1111 and ComfyUI
 
 
+def keep_token(run_dir: Path, text: TextConditioner, theta: torch.Tensor, step: int, forward_passes: int) -> None:
+    """tokens/fwd-<forward passes>.safetensors: the flat token at this point of training (train.keep_tokens_every),
+    for zoodip-compare's curves against forward passes."""
+    tensors = {"theta": theta.detach().float().cpu().contiguous().clone()}
+    meta = {"placeholder": text.placeholder, "step": str(step), "forward_passes": str(forward_passes)}
+    path = run_dir / "tokens" / f"fwd-{forward_passes:09d}.safetensors"
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def apply_forward_budget(cfg: DictConfig) -> None:
+    """train.forward_budget: train.steps becomes the budget over the method's forward passes per step (as
+    metrics.json counts them: first-order TI's backward is not counted)."""
+    budget = cfg.train.get("forward_budget")
+    name = method_name(cfg)
+    if budget is None or name not in METHODS:
+        return
+    per_step = METHODS[name].passes(cfg)
+    if budget < per_step:
+        raise ZoodipError(f"train.forward_budget={budget} is less than one step of {name} ({per_step} forward passes)")
+    with open_dict(cfg):
+        cfg.train.steps = int(budget) // per_step
+
+
 def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if not resume:
         return None
@@ -184,6 +213,7 @@ class Setup:
     initializer: str
     quantized_fraction: float
     weights_by_component: dict[str, str]
+    reference: Objective | None = None  # train.grad_cosine_every: the fp32 unquantized copy for the true gradient
 
 
 def load_training_data(cfg: DictConfig, run_dir: Path) -> tuple[torch.Tensor, list[str], list[str] | None]:
@@ -248,7 +278,15 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     theta = torch.nn.Parameter(theta0.clone())
     tables = [e.weight for e in text.embeddings]
     method = build_method(cfg, theta, tables, int(data_cfg.num_vectors))
-    return Setup(parts, text, sampler, data, objective, theta, method, validator, initializer, frac, weight_types)
+    reference = None
+    if int(cfg.train.grad_cosine_every) > 0:  # diagnostics only: a second, fp32 and unquantized, copy of the model
+        exact = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, torch.float32, device, "none",
+                                seed=int(cfg.model.seed), others="none")  # fmt: skip
+        exact.release_vae()
+        reference_text = TextConditioner(exact, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
+        reference = Objective(exact, reference_text)
+    return Setup(parts, text, sampler, data, objective, theta, method, validator, initializer, frac, weight_types,
+                 reference)  # fmt: skip
 
 
 def per_candidate_losses(objective: Objective, data: Reference | PlantedTask, generator: torch.Generator,
@@ -271,11 +309,15 @@ def per_candidate_losses(objective: Objective, data: Reference | PlantedTask, ge
 
 
 def training_step(method: GradientMethod | CMAES, objective: Objective, data: Reference | PlantedTask | Any,
-                  sampler: TimestepSampler, generator: torch.Generator, step: int,
-                  quant: str) -> tuple[StepResult, int]:  # fmt: skip
+                  sampler: TimestepSampler, generator: torch.Generator, step: int, quant: str,
+                  stratified: bool = False, reference: Objective | None = None) -> tuple[StepResult, int]:  # fmt: skip
     """One iteration of Algorithm 1 (zoodip-bench times this same function): draw (z, y) from the references,
     t from the sampler (PUTS, Eq. 9), eps ~ N(0, I), shared by every loss of the step (common random numbers);
-    then the method's update of theta."""
+    then the method's update of theta.
+
+    `stratified` (puts.stratified): each group of evaluations the estimator marks (its +/- pairs) gets its own t from
+    `sampler.strata`, the rest of the sample shared. `reference` (train.grad_cosine_every): an fp32 unquantized copy
+    whose exact gradient at this step's sample is compared with the method's estimate (grad_cosine, update_cosine)."""
     z0, prompt = data.sample(generator)
     t = sampler(generator)
     noise = torch.randn(z0.shape, generator=generator)
@@ -283,18 +325,37 @@ def training_step(method: GradientMethod | CMAES, objective: Objective, data: Re
     def context() -> contextlib.AbstractContextManager:
         return torch.enable_grad() if method.autograd else forward_mode(quant)
 
-    with context():
-        objective.set_sample(z0, noise, t, prompt)
+    def set_sample(timestep: int) -> None:
+        objective.set_sample(z0, noise, timestep, prompt)
         if isinstance(data, PlantedTask):  # a constant: no_grad, not inference_mode, since backprop's loss saves it
             with torch.no_grad():
                 data.set_target(objective)
+
+    with context():
+        set_sample(t)
     losses = objective.losses if method.shared_sample else per_candidate_losses(objective, data, generator, t)
 
-    def loss_fn(thetas: torch.Tensor) -> torch.Tensor:  # the model's forwards only: the update runs outside
-        with context():
-            return losses(thetas)
+    def stratified_losses(thetas: torch.Tensor, groups: list[int]) -> torch.Tensor:
+        out = torch.empty(len(groups))
+        for group, timestep in enumerate(sampler.strata(generator, max(groups) + 1)):
+            rows = [i for i, g in enumerate(groups) if g == group]
+            set_sample(timestep)
+            out[rows] = objective.losses(thetas[rows]).float().cpu()
+        return out
 
-    return method.step(loss_fn, step), t
+    def loss_fn(thetas: torch.Tensor, groups: list[int] | None = None) -> torch.Tensor:
+        with context():  # the model's forwards only: the update runs outside
+            return stratified_losses(thetas, groups) if stratified and groups else losses(thetas)
+
+    true_grad = None
+    if reference is not None:  # before the step changes theta; cloned: autograd cannot save an inference tensor
+        reference.set_sample(z0, noise, t, prompt, target=objective.target.clone())
+        true_grad = backprop(reference.losses, method.theta.detach()).grad
+    result = method.step(loss_fn, step)
+    if true_grad is not None and result.estimate is not None:
+        result.log["grad_cosine"] = float(F.cosine_similarity(result.estimate, true_grad, dim=0))
+        result.log["update_cosine"] = float(F.cosine_similarity(result.applied, true_grad, dim=0))
+    return result, t
 
 
 def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
@@ -319,7 +380,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             )
         with torch.no_grad():
             theta.copy_(state.theta)
-        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "guided": state.estimator})
+        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator})
         generator.set_state(state.generator)
         history, start, nonfinite = state.history, state.step, state.nonfinite
         wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
@@ -335,7 +396,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
             generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
             initial_eval_loss=initial_eval, forward_passes=objective.forward_passes, config=run_config(cfg),
-            zoodip_version=__version__, estimator=method_state.get("guided") or None,
+            zoodip_version=__version__, estimator=method_state.get("estimator") or None,
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
@@ -346,8 +407,16 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     health = Health(int(cfg.train.max_bad_steps), [r["loss"] for r in history])
     if preemption.requested():  # a signal while the model loaded: the last checkpoint already holds this state
         raise Preempted(preemption.requested(), start)
+    stratified, cosine_every = bool(cfg.puts.get("stratified")), int(cfg.train.grad_cosine_every)
+    keep_every = int(cfg.train.keep_tokens_every)
+    if keep_every and start == 0:
+        keep_token(run_dir, s.text, theta, 0, 0)
     for step in bar:
-        result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant)
+        reference = s.reference if cosine_every and step % cosine_every == 0 else None
+        passes_before = objective.forward_passes
+        result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant, stratified, reference)
+        if keep_every and objective.forward_passes // keep_every > passes_before // keep_every:
+            keep_token(run_dir, s.text, theta, step, objective.forward_passes)
         divergence = health.observe(result.loss if result.finite else float("nan"))
         if divergence:
             tracker.warn("divergence", divergence, step)
@@ -357,9 +426,10 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
                 save_embeddings(run_dir, s.text, theta)  # non-finite steps skip their update: the last good token
                 too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
                 raise FloatingPointError(health.failed or too_many)
-        row = {"step": step, "loss": result.loss if result.finite else float("nan"), "timestep": t, **result.log,
+        row = {"step": step, "forward_passes": objective.forward_passes,
+               "loss": result.loss if result.finite else float("nan"), "timestep": t, **result.log,
                "token_norm": float(theta.detach().norm()), "peak_memory_bytes": peak_memory_bytes(device)}  # fmt: skip
-        refreshed = "sg_istar_over_tau" in row
+        refreshed = "sg_istar_over_tau" in row or "grad_cosine" in row
         if step % int(cfg.train.log_every) == 0 or refreshed or step == steps:
             history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -427,6 +497,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
     or SIGUSR2 end the current step, checkpoint and raise Preempted (exit code EXIT_PREEMPTED). One run at a time
     works in `run_dir` (its lock file); a refused run writes nothing there."""
     check_config(cfg)  # types, limits, unknown keys: before anything is loaded or written
+    apply_forward_budget(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         previous = completed_run(cfg, run_dir)
