@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Issue #17 on the toy world (RESULTS.md §5): estimators at an equal budget of UNet forward passes.
-#   bash sweeps/toyworld_compare.sh [OUT_DIR] [STAGE ...]     (stages: screen cosine main; default all three)
+#   bash sweeps/toyworld_compare.sh [OUT_DIR] [STAGE ...]     (stages: screen main cosine; default all three)
 # screen: every candidate on two tuning subjects (the first two good subjects of RESULTS.md §2's table that are not
 #         among the six), seeds 0 and 1, 2,500 forward passes, against ZOODiP (RGE + SG) at the same budget.
 # cosine: every method on one tuning subject and seed, 1,500 forward passes, logging the cosine of each estimate with
 #         the exact gradient every 5 steps (train.grad_cosine_every; it loads a second, fp32, model: memory not comparable).
-# main:   ZOODiP as the preset runs it (7,500 forward passes) and the candidates named in MAIN (default: set after the
-#         screen, in RESULTS.md) at 2,500, on the six subjects x 3 seeds; then zoodip-compare on each folder.
+# main:   ZOODiP as the preset runs it (7,500 forward passes) and the screen's two best candidates, MAIN and MAIN2
+#         (RESULTS.md §5 says why these), at 2,500, on the six subjects x 3 seeds.
+# Each stage ends with zoodip-compare on its folder (alone on the machine: two threads).
 # Jobs of one folder come from several multiruns (hydra.sweep.subdir keeps their job folders apart). Two jobs at a
 # time, one thread each.
 set -euo pipefail
 OUT=${1:-outputs/results/compare}
 shift || true
-STAGES=${*:-screen cosine main}
+STAGES=${*:-screen main cosine}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 BIN=${BIN:-.venv/bin}
 COMMON=(experiments=toyworld sweeps=compare_methods logger=none train.progress=false hydra/launcher=local_parallel
         hydra.launcher.n_jobs=2)
 SIX='data.subject=red_circle,red_square,red_triangle,blue_star,red_heart,green_cross'
-MAIN=${MAIN:-'estimator=prgf sg=off'}
+MAIN=${MAIN:-estimator=rge sg=off}
+MAIN2=${MAIN2:-estimator=spsa sg=off puts.stratified=true}
 
 train() {  # train NAME FOLDER ARGS...: one multirun into FOLDER, its job folders NAME_0, NAME_1, ...
   local name=$1 folder=$2
@@ -52,13 +54,15 @@ for stage in $STAGES; do
     main)
       F=$OUT/main
       mkdir -p "$F"
-      train zoodip "$F" "$SIX" train.seed=0,1,2 estimator=rge sg=on train.forward_budget=7500 train.keep_tokens_every=625
-      # shellcheck disable=SC2086  # MAIN holds several overrides
+      train zoodip "$F" "$SIX" train.seed=0,1,2 estimator=rge sg=on train.forward_budget=7500 train.keep_tokens_every=1250
+      # shellcheck disable=SC2086  # MAIN and MAIN2 hold several overrides each
       train fast "$F" "$SIX" train.seed=0,1,2 $MAIN train.keep_tokens_every=500
+      # shellcheck disable=SC2086
+      [ -z "$MAIN2" ] || train fast2 "$F" "$SIX" train.seed=0,1,2 $MAIN2 train.keep_tokens_every=500
       ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   start=$(date +%s)
-  "$BIN/zoodip-compare" "$F" "compare.reference='estimator=rge,sg=on'" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
+  OMP_NUM_THREADS=2 "$BIN/zoodip-compare" "$F" "compare.reference='estimator=rge,sg=on'" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
   echo "$F compare: $(( $(date +%s) - start )) s" | tee -a "$OUT.times"
 done

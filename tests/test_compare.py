@@ -82,7 +82,12 @@ def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture) ->
 def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bare = tmp_path / "bare"
     (bare / "0" / ".hydra").mkdir(parents=True)
+    sd = tmp_path / "sd"
+    (sd / "0" / ".hydra").mkdir(parents=True)
+    (sd / "0" / "tokens").mkdir()
+    (sd / "0" / ".hydra" / "config.yaml").write_text("eval:\n  kind: dreambooth\n")
     cases = [([str(tmp_path / "nope")], "does not exist"), ([str(bare)], "kept tokens"),
+             ([str(sd)], "not a toy-world run"),
              ([str(two_methods), "compare.reference=spsa"], "none of the methods"), ([], "required")]  # fmt: skip
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -69,14 +69,14 @@ def test_forward_budget_below_one_step_is_one_sentence(tmp_path):
 
 
 def test_kept_tokens_are_the_tokens_at_each_forward_pass_mark(tmp_path):
-    """train.keep_tokens_every=6 with RGE (3 passes a step) over 4 steps: tokens at 0, 6 and 12 forward passes; the
-    last one is the final token."""
-    cfg = compose_train("data=planted", "train.steps=4", "train.keep_tokens_every=6", "eval.enabled=false")
+    """train.keep_tokens_every=6 with RGE (3 passes a step) over 5 steps: tokens at 0, 6 and 12 forward passes,
+    and the final one at 15."""
+    cfg = compose_train("data=planted", "train.steps=5", "train.keep_tokens_every=6", "eval.enabled=false")
     run(cfg, tmp_path)
     files = sorted((tmp_path / "tokens").glob("*.safetensors"))
-    assert [f.name for f in files] == [f"fwd-{n:09d}.safetensors" for n in (0, 6, 12)]
+    assert [f.name for f in files] == [f"fwd-{n:09d}.safetensors" for n in (0, 6, 12, 15)]
     with safe_open(files[-1], "pt") as f:
-        assert f.metadata()["step"] == "4" and f.metadata()["forward_passes"] == "12"
+        assert f.metadata()["step"] == "5" and f.metadata()["forward_passes"] == "15"
         last = f.get_tensor("theta")
     with safe_open(tmp_path / "learned_embeds.safetensors", "pt") as f:
         final = f.get_tensor(f.keys()[0])

@@ -63,11 +63,17 @@ def job_label(overrides: dict[str, Any], swept: list[str]) -> str:
 
 
 def kept_tokens(job: Path) -> list[tuple[int, torch.Tensor]]:
-    """(forward passes, flat token) for every token the run kept, in order."""
+    """(forward passes, flat token) for every token the run kept, in order, ending with its final token (the run's
+    learned_embeds.safetensors at metrics.json's forward passes, where tokens/ stops short of it)."""
     out = []
     for path in sorted((job / "tokens").glob("fwd-*.safetensors")):
         with safe_open(path, "pt") as f:
             out.append((int(f.metadata()["forward_passes"]), f.get_tensor("theta")))
+    metrics = _read_metrics(job / "metrics.json") or {}
+    final, done = job / "learned_embeds.safetensors", metrics.get("forward_passes")
+    if out and metrics.get("status") == "completed" and isinstance(done, int) and done > out[-1][0] and final.exists():
+        with safe_open(final, "pt") as f:
+            out.append((done, f.get_tensor(next(iter(f.keys()))).reshape(-1)))
     return out
 
 
@@ -123,6 +129,9 @@ def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig) -> 
     by_subject: dict[str, list[Path]] = {}
     configs = {job.name: OmegaConf.load(job / ".hydra" / "config.yaml") for job in jobs}
     for job in jobs:
+        if configs[job.name].eval.kind != "toyworld":
+            raise ZoodipError(f"{job} is not a toy-world run: zoodip-compare scores tokens with the toy world's scorer "
+                              "(experiments=toyworld); compare runs of other models with zoodip-report")  # fmt: skip
         by_subject.setdefault(str(configs[job.name].data.subject), []).append(job)
     for subject, group in by_subject.items():
         probe = SubjectProbe(configs[group[0].name], int(cc.pool), int(cc.images_per_prompt), int(cc.seed))

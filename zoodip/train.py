@@ -415,7 +415,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         reference = s.reference if cosine_every and step % cosine_every == 0 else None
         passes_before = objective.forward_passes
         result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant, stratified, reference)
-        if keep_every and objective.forward_passes // keep_every > passes_before // keep_every:
+        crossed = objective.forward_passes // keep_every > passes_before // keep_every if keep_every else False
+        if crossed or (keep_every and step == steps):  # and the final token, wherever the budget ends
             keep_token(run_dir, s.text, theta, step, objective.forward_passes)
         divergence = health.observe(result.loss if result.finite else float("nan"))
         if divergence:
