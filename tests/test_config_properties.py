@@ -164,7 +164,7 @@ def test_unknown_keys_are_named(key):
 
 
 @pytest.mark.parametrize("preset", ["toyworld", "toyworld_ti", "demo", "ti", "planted", "gfti_sd15", "zoodip_sdxl",
-                                    "zoodip_int4", "ti_sd21"])  # fmt: skip
+                                    "zoodip_int4", "ti_sd21", "toyworld_fast", "zoodip_fast_sd15"])  # fmt: skip
 def test_every_shipped_preset_passes_the_schema(preset):
     check_config(compose_train(f"experiments={preset}"))
 
