@@ -79,6 +79,24 @@ def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture) ->
     assert "median speed-up" in capsys.readouterr().out
 
 
+def test_compare_reuses_measured_curves(two_methods: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second zoodip-compare with the same settings measures nothing again (no model is loaded); other settings
+    measure anew."""
+    import zoodip.compare as compare_mod
+
+    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
+    before = pd.read_csv(two_methods / "compare" / "curves.csv")
+
+    loads = []
+    real = compare_mod.SubjectProbe
+    monkeypatch.setattr(compare_mod, "SubjectProbe", lambda *a, **k: loads.append(a) or real(*a, **k))
+    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
+    pd.testing.assert_frame_equal(pd.read_csv(two_methods / "compare" / "curves.csv"), before)
+    assert loads == []
+    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=3"])
+    assert len(loads) == 1 and (pd.read_csv(two_methods / "compare" / "curves.csv")["pool"] == 3).all()
+
+
 def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bare = tmp_path / "bare"
     (bare / "0" / ".hydra").mkdir(parents=True)

@@ -123,34 +123,43 @@ class SubjectProbe:
             return float(self.validator(theta).metrics["val/subject_accuracy"])
 
 
-def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig) -> pd.DataFrame:
-    """One row per (job, kept token): forwards, subject_accuracy, pool loss and the fraction of the gap closed."""
-    rows = []
-    by_subject: dict[str, list[Path]] = {}
+def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
+                   known: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per (job, kept token): forwards, subject_accuracy, pool loss and the fraction of the gap closed.
+    Rows of `known` (an earlier curves.csv) are reused for a job whose tokens they cover, measured with the same
+    settings; only the other jobs are measured."""
+    settings = {"images_per_prompt": int(cc.images_per_prompt), "pool": int(cc.pool), "pool_seed": int(cc.seed)}
+    rows, probes = [], {}
     configs = {job.name: OmegaConf.load(job / ".hydra" / "config.yaml") for job in jobs}
     for job in jobs:
         if configs[job.name].eval.kind != "toyworld":
             raise ZoodipError(f"{job} is not a toy-world run: zoodip-compare scores tokens with the toy world's scorer "
                               "(experiments=toyworld); compare runs of other models with zoodip-report")  # fmt: skip
-        by_subject.setdefault(str(configs[job.name].data.subject), []).append(job)
-    for subject, group in by_subject.items():
-        probe = SubjectProbe(configs[group[0].name], int(cc.pool), int(cc.images_per_prompt), int(cc.seed))
-        for job in group:
-            tokens = kept_tokens(job)
-            if not tokens:
-                log.warning("%s kept no tokens (train.keep_tokens_every): left out", job)
+    for job in sorted(jobs, key=lambda j: str(configs[j.name].data.subject)):  # one model load per subject
+        cfg, tokens = configs[job.name], kept_tokens(job)
+        subject, seed = str(cfg.data.subject), int(cfg.train.seed)
+        if not tokens:
+            log.warning("%s kept no tokens (train.keep_tokens_every): left out", job)
+            continue
+        if known is not None and all(c in known for c in settings):
+            same = known[(known["job"] == job.name) & (known[list(settings)] == pd.Series(settings)).all(axis=1)]
+            if sorted(same["forward_passes"]) == [f for f, _ in tokens]:
+                rows += same.assign(method=labels[job.name]).to_dict("records")
                 continue
-            losses = probe.pool_losses(torch.stack([theta for _, theta in tokens]))
-            initial = losses[0] if tokens[0][0] == 0 else math.nan
-            gap = initial - probe.true_loss
-            seed = int(configs[job.name].train.seed)
-            for (forwards, theta), loss in zip(tokens, losses, strict=True):
-                closed = (initial - loss) / gap if gap > 0 else math.nan
-                rows.append({"job": job.name, "method": labels[job.name], "subject": subject, "seed": seed,
-                             "forward_passes": forwards, "subject_accuracy": probe.accuracy(theta),
-                             "pool_loss": loss, "true_caption_loss": probe.true_loss,
-                             "gap_closed": closed})  # fmt: skip
-            log.info("%s %s seed %d: %d tokens measured", labels[job.name], subject, seed, len(tokens))
+        if subject not in probes:
+            probes = {
+                subject: SubjectProbe(cfg, settings["pool"], settings["images_per_prompt"], settings["pool_seed"])
+            }
+        probe = probes[subject]
+        losses = probe.pool_losses(torch.stack([theta for _, theta in tokens]))
+        initial = losses[0] if tokens[0][0] == 0 else math.nan
+        gap = initial - probe.true_loss
+        for (forwards, theta), loss in zip(tokens, losses, strict=True):
+            closed = (initial - loss) / gap if gap > 0 else math.nan
+            rows.append({"job": job.name, "method": labels[job.name], "subject": subject, "seed": seed,
+                         "forward_passes": forwards, "subject_accuracy": probe.accuracy(theta), "pool_loss": loss,
+                         "true_caption_loss": probe.true_loss, "gap_closed": closed, **settings})  # fmt: skip
+        log.info("%s %s seed %d: %d tokens measured", labels[job.name], subject, seed, len(tokens))
     return pd.DataFrame(rows)
 
 
@@ -181,14 +190,15 @@ def summarize(curves: pd.DataFrame, runs: pd.DataFrame, reference: str, target: 
     """Per method: finals, the accuracy at the budget every run reached, forwards-to-target, the speed-up over
     `reference` (paired by subject and seed), memory against the reference's, the true-gradient cosine."""
     groups = list(curves.groupby(["method", "subject", "seed"]))
-    equal = min(float(c["forward_passes"].max()) for _, c in groups)  # the budget every run reached
+    equal = min(float(c["forward_passes"].max()) for _, c in groups)  # the budget every run reached (its nearest
+    # kept token stands for it: 2,499 and 2,502 forward passes are one budget)
     pairs = {}
     for (method, subject, seed), curve in groups:
         curve = curve.sort_values("forward_passes")
         pairs[(method, subject, seed)] = {
             "final": float(curve["subject_accuracy"].iloc[-1]), "gap": float(curve["gap_closed"].iloc[-1]),
             "budget": float(curve["forward_passes"].iloc[-1]), "to_target": forwards_to(curve, target),
-            "equal": float(curve[curve["forward_passes"] <= equal]["subject_accuracy"].iloc[-1]),
+            "equal": float(curve.loc[(curve["forward_passes"] - equal).abs().idxmin(), "subject_accuracy"]),
         }  # fmt: skip
     memory = runs.groupby("method")["peak_memory_bytes"].mean()
     cosine = runs.groupby("method")["grad_cosine"].mean() if "grad_cosine" in runs else pd.Series(dtype=float)
@@ -292,7 +302,8 @@ def compare(cfg: DictConfig) -> None:
     if reference not in labels.values():
         raise ZoodipError(f"compare.reference={reference!r} is none of the methods: {', '.join(set(labels.values()))}")
     out = Path(cc.output or Path(cfg.multirun_dir) / "compare")
-    curves = measure_curves(jobs, labels, cc)
+    known = pd.read_csv(out / "curves.csv") if (out / "curves.csv").is_file() and cc.reuse else None
+    curves = measure_curves(jobs, labels, cc, known)
     final = curves.sort_values("forward_passes").groupby(["method", "subject", "seed"]).tail(1)
     target = (
         float(cc.target) if cc.target is not None else float(final[final.method == reference].subject_accuracy.mean())
