@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Issue #17 on the toy world (RESULTS.md §5): estimators at an equal budget of UNet forward passes.
-#   bash sweeps/toyworld_compare.sh [OUT_DIR] [STAGE ...]     (stages: screen main cosine strata; default all)
-# screen: every candidate on two tuning subjects (the first two good subjects of RESULTS.md §2's table that are not
-#         among the six), seeds 0 and 1, 2,500 forward passes, against ZOODiP (RGE + SG) at the same budget.
+#   bash sweeps/toyworld_compare.sh [OUT_DIR] [STAGE ...]     (stages: screen main cosine; default all three)
+# screen: every candidate (and SPSA without strata, the control of stratified SPSA) on two tuning subjects (the
+#         first two good subjects of RESULTS.md §2's table that are not among the six), seeds 0 and 1, 2,500 forward
+#         passes, against ZOODiP (RGE + SG) at the same budget.
 # cosine: every method on one tuning subject and seed, 1,500 forward passes, logging the cosine of each estimate with
 #         the exact gradient every 5 steps (train.grad_cosine_every; it loads a second, fp32, model: memory not comparable).
 # main:   ZOODiP as the preset runs it (7,500 forward passes) and the screen's two best candidates, MAIN and MAIN2
 #         (RESULTS.md §5 says why these), at 2,500, on the six subjects x 3 seeds.
-# strata: SPSA (SG off) with and without puts.stratified on the tuning subjects: what the strata alone do.
 # Each stage ends with zoodip-compare on its folder (alone on the machine: two threads).
 # Jobs of one folder come from several multiruns (hydra.sweep.subdir keeps their job folders apart). Two jobs at a
 # time, one thread each.
 set -euo pipefail
 OUT=${1:-outputs/results/compare}
 shift || true
-STAGES=${*:-screen main cosine strata}
+STAGES=${*:-screen main cosine}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 BIN=${BIN:-.venv/bin}
 COMMON=(experiments=toyworld sweeps=compare_methods logger=none train.progress=false hydra/launcher=local_parallel
@@ -42,6 +42,7 @@ for stage in $STAGES; do
       train zoodip "$F" "${TUNE[@]}" estimator=rge sg=on
       train sgoff "$F" "${TUNE[@]}" estimator=rge,antithetic,guided,hizoo,prgf sg=off
       train strat "$F" "${TUNE[@]}" estimator=spsa sg=off puts.stratified=true
+      train spsa "$F" "${TUNE[@]}" estimator=spsa sg=off   # the control: what the strata alone do
       ;;
     cosine)
       F=$OUT/cosine
@@ -51,11 +52,6 @@ for stage in $STAGES; do
       train zoodip "$F" "${ONE[@]}" estimator=rge sg=on
       train sgoff "$F" "${ONE[@]}" estimator=rge,antithetic,guided,hizoo,prgf sg=off
       train strat "$F" "${ONE[@]}" estimator=spsa sg=off puts.stratified=true
-      ;;
-    strata)
-      F=$OUT/strata
-      mkdir -p "$F"
-      train spsa "$F" data.subject=green_circle,green_triangle train.seed=0,1 estimator=spsa sg=off puts.stratified=false,true
       ;;
     main)
       F=$OUT/main
@@ -69,8 +65,6 @@ for stage in $STAGES; do
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   start=$(date +%s)
-  reference="compare.reference='estimator=rge,sg=on'"
-  [ "$stage" != strata ] || reference="compare.reference='false'"
-  OMP_NUM_THREADS=2 "$BIN/zoodip-compare" "$F" "$reference" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
+  OMP_NUM_THREADS=2 "$BIN/zoodip-compare" "$F" "compare.reference='estimator=rge,sg=on'" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
   echo "$F compare: $(( $(date +%s) - start )) s" | tee -a "$OUT.times"
 done

@@ -142,7 +142,9 @@ def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
             log.warning("%s kept no tokens (train.keep_tokens_every): left out", job)
             continue
         if known is not None and all(c in known for c in settings):
-            same = known[(known["job"] == job.name) & (known[list(settings)] == pd.Series(settings)).all(axis=1)]
+            same = known[
+                (known["job"].astype(str) == job.name) & (known[list(settings)] == pd.Series(settings)).all(axis=1)
+            ]
             if sorted(same["forward_passes"]) == [f for f, _ in tokens]:
                 rows += same.assign(method=labels[job.name]).to_dict("records")
                 continue
@@ -302,7 +304,7 @@ def compare(cfg: DictConfig) -> None:
     if reference not in labels.values():
         raise ZoodipError(f"compare.reference={reference!r} is none of the methods: {', '.join(set(labels.values()))}")
     out = Path(cc.output or Path(cfg.multirun_dir) / "compare")
-    known = pd.read_csv(out / "curves.csv") if (out / "curves.csv").is_file() and cc.reuse else None
+    known = pd.read_csv(out / "curves.csv", dtype={"job": str}) if (out / "curves.csv").is_file() and cc.reuse else None
     curves = measure_curves(jobs, labels, cc, known)
     final = curves.sort_values("forward_passes").groupby(["method", "subject", "seed"]).tail(1)
     target = (
