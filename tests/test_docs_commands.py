@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from zoodip import CONF_DIR, ROOT
+from zoodip.cli import hydra_argv as report_argv
 from zoodip.evaluate import hydra_argv as eval_argv
-from zoodip.report import hydra_argv as report_argv
 
 DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
 #: Hydra apps and their primary config.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from zoodip import CONF_DIR
-from zoodip.errors import EXIT_USAGE, ZoodipError
+from zoodip.errors import EXIT_USAGE, ZoodipError, fail
 
 
 def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -40,3 +41,27 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[
             raise
 
     return main
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """The positional MULTIRUN_DIR becomes the override multirun_dir='DIR' (quoted for Hydra's grammar)."""
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        quoted = argv[0].replace("\\", "\\\\").replace("'", "\\'")
+        return [f"multirun_dir='{quoted}'", *argv[1:]]
+    return argv
+
+
+def multirun_dir_main(argv: list[str] | None, usage: str, doc: str | None, entry: Callable[[], None]) -> None:
+    """zoodip-report and zoodip-compare: `entry` (a hydra_app) on `argv`, whose first word may be the positional
+    MULTIRUN_DIR. A missing or absent directory is one sentence and exit code 2, before Hydra makes a folder in it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage + "\n\n" + (doc or ""))
+        return
+    if not argv:
+        fail(f"the multirun directory is required; {usage}")
+    given = [a.partition("=")[2].strip("'\"") for a in hydra_argv(argv) if a.startswith("multirun_dir=")]
+    if given and not Path(given[0]).expanduser().is_dir():
+        fail(f"multirun directory {given[0]} does not exist")
+    sys.argv = [sys.argv[0], *hydra_argv(argv)]
+    entry()

@@ -37,15 +37,15 @@ from safetensors import safe_open
 from scipy import stats
 
 from zoodip import toyworld
-from zoodip.cli import hydra_app
+from zoodip.cli import hydra_app, multirun_dir_main
 from zoodip.data import default_initializer, encode_latents, load_captions, read_reference_images
-from zoodip.errors import ZoodipError, fail
+from zoodip.errors import ZoodipError
 from zoodip.evaluate import Validator
 from zoodip.io import atomic_write, atomic_write_text
 from zoodip.models import load_components, resolve_device
 from zoodip.objective import Objective, TextConditioner
 from zoodip.quantize import forward_mode
-from zoodip.report import NUISANCE, _read_metrics, _read_overrides, hydra_argv, job_dirs
+from zoodip.report import NUISANCE, _read_metrics, _read_overrides, job_dirs
 
 log = logging.getLogger("zoodip.compare")
 USAGE = "usage: zoodip-compare MULTIRUN_DIR [compare.reference=LABEL] [compare.target=0.76] [key=value ...]"
@@ -324,14 +324,4 @@ hydra_main = hydra_app("compare", compare)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the positional MULTIRUN_DIR becomes multirun_dir=DIR, as for zoodip-report."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__)
-        return
-    if not argv:
-        fail(f"the multirun directory is required; {USAGE}")
-    given = [a.partition("=")[2].strip("'\"") for a in hydra_argv(argv) if a.startswith("multirun_dir=")]
-    if given and not Path(given[0]).expanduser().is_dir():
-        fail(f"multirun directory {given[0]} does not exist")
-    sys.argv = [sys.argv[0], *hydra_argv(argv)]
-    hydra_main()
+    multirun_dir_main(argv, USAGE, __doc__, hydra_main)

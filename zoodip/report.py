@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,8 +65,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
-from zoodip.cli import hydra_app
-from zoodip.errors import ZoodipError, fail
+from zoodip.cli import hydra_app, multirun_dir_main
+from zoodip.errors import ZoodipError
 from zoodip.io import atomic_write, atomic_write_text, read_json, write_json
 
 TRAIN_KEYS = [
@@ -707,27 +706,9 @@ def report(cfg: DictConfig) -> None:
 hydra_main = hydra_app("report", report)
 
 
-def hydra_argv(argv: list[str]) -> list[str]:
-    """The positional MULTIRUN_DIR becomes the override multirun_dir='DIR' (quoted for Hydra's grammar)."""
-    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
-        quoted = argv[0].replace("\\", "\\\\").replace("'", "\\'")
-        return [f"multirun_dir='{quoted}'", *argv[1:]]
-    return argv
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; Hydra's own config errors (unknown key, bad override, no MULTIRUN_DIR) exit with 2."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__)
-        return
-    if not argv:
-        fail(f"the multirun directory is required; {USAGE}")
-    given = [a.partition("=")[2].strip("'\"") for a in hydra_argv(argv) if a.startswith("multirun_dir=")]
-    if given and not Path(given[0]).expanduser().is_dir():  # before Hydra makes its report folder inside it
-        fail(f"multirun directory {given[0]} does not exist")
-    sys.argv = [sys.argv[0], *hydra_argv(argv)]
-    hydra_main()
+    multirun_dir_main(argv, USAGE, __doc__, hydra_main)
 
 
 if __name__ == "__main__":
