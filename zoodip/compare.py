@@ -82,6 +82,7 @@ class SubjectProbe:
 
     def __init__(self, cfg: DictConfig, pool: int, images_per_prompt: int, seed: int) -> None:
         d = cfg.data
+        self.subject = str(d.subject)
         self.device = resolve_device(cfg.train.device)
         self.quant = cfg.quantization.weights
         self.parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, torch.float32, self.device,
@@ -129,7 +130,7 @@ def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
     Rows of `known` (an earlier curves.csv) are reused for a job whose tokens they cover, measured with the same
     settings; only the other jobs are measured."""
     settings = {"images_per_prompt": int(cc.images_per_prompt), "pool": int(cc.pool), "pool_seed": int(cc.seed)}
-    rows, probes = [], {}
+    rows, probe = [], None
     configs = {job.name: OmegaConf.load(job / ".hydra" / "config.yaml") for job in jobs}
     for job in jobs:
         if configs[job.name].eval.kind != "toyworld":
@@ -148,11 +149,8 @@ def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
             if sorted(same["forward_passes"]) == [f for f, _ in tokens]:
                 rows += same.assign(method=labels[job.name]).to_dict("records")
                 continue
-        if subject not in probes:
-            probes = {
-                subject: SubjectProbe(cfg, settings["pool"], settings["images_per_prompt"], settings["pool_seed"])
-            }
-        probe = probes[subject]
+        if probe is None or probe.subject != subject:  # jobs come sorted by subject: one model at a time
+            probe = SubjectProbe(cfg, settings["pool"], settings["images_per_prompt"], settings["pool_seed"])
         losses = probe.pool_losses(torch.stack([theta for _, theta in tokens]))
         initial = losses[0] if tokens[0][0] == 0 else math.nan
         gap = initial - probe.true_loss
