@@ -263,7 +263,8 @@ def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
 
 
 @pytest.mark.parametrize(
-    "estimator", [("estimator=guided", "estimator.k=3"), ("estimator=hizoo",), ("estimator=prgf",)]
+    "estimator",
+    [("estimator=guided", "estimator.k=3"), ("estimator=hizoo",), ("estimator=prgf",)],
 )
 def test_stateful_estimators_resume_bit_identical(tmp_path, estimator):
     """guided and prgf keep their recent updates, hizoo its diag(H), in the checkpoint: 6 steps then raised to 9
@@ -283,3 +284,65 @@ def test_validate_alone_types_puts_before_comparing(bad):
     """validate() is what bench and library callers use: a float or bool T_L is one sentence, not a TypeError."""
     with pytest.raises(ZoodipError, match="must be integers"):
         validate(compose_train(bad))
+
+
+def test_learning_rate_schedules_by_hand():
+    """constant: lr at every step; cosine: lr (1 + cos(pi (step - 1) / steps)) / 2, by hand for 4 steps."""
+    from zoodip.methods import learning_rate
+
+    assert [learning_rate(0.1, "constant", s, 4) for s in (1, 4)] == [0.1, 0.1]
+    # steps 1..4 of 4: cos(0) = 1, cos(pi/4) = 0.7071, cos(pi/2) = 0, cos(3 pi/4) = -0.7071
+    expected = [0.1, 0.1 * 1.7071067811865475 / 2, 0.05, 0.1 * 0.2928932188134524 / 2]
+    assert [learning_rate(0.1, "cosine", s, 4) for s in (1, 2, 3, 4)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_schedule_is_what_the_optimizer_used(tmp_path):
+    """The lr column of history.csv is the lr Adam applied at that step: the cosine curve over train.steps, which
+    train.forward_budget sets (here 12 // 3 = 4 steps)."""
+    import pandas as pd
+
+    from zoodip.methods import learning_rate
+
+    run(compose_train("data=planted", "optimizer.schedule=cosine", "train.forward_budget=12", "train.log_every=1",
+                      "optimizer.lr=0.1", "eval.enabled=false"), tmp_path)  # fmt: skip
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["lr"].tolist() == pytest.approx([learning_rate(0.1, "cosine", s, 4) for s in (1, 2, 3, 4)])
+
+
+def test_cosine_schedule_resumes_bit_identical(tmp_path, monkeypatch):
+    """A run stopped after step 5 of 9 (a preemption request) and resumed ends on the token of 9 straight steps: the
+    cosine schedule is a function of the step and train.steps, which the resumed run has again."""
+    from safetensors.torch import load_file
+
+    import zoodip.preemption
+    from zoodip.methods import GradientMethod
+    from zoodip.preemption import Preempted
+
+    common = ["data=planted", "optimizer.schedule=cosine", "train.steps=9", "eval.enabled=false"]
+    run(compose_train(*common), tmp_path / "straight")
+    real_step, stop_after = GradientMethod.step, {"step": 0}
+
+    def step(self, loss_fn, k):
+        stop_after["step"] = k
+        return real_step(self, loss_fn, k)
+
+    monkeypatch.setattr(GradientMethod, "step", step)
+    monkeypatch.setattr(zoodip.preemption, "requested", lambda: 15 if stop_after["step"] == 5 else None)
+    with pytest.raises(Preempted):
+        run(compose_train(*common), tmp_path / "resumed")
+    monkeypatch.undo()
+    assert run(compose_train(*common), tmp_path / "resumed")["resumed_from_step"] == 5
+    a, b = (load_file(tmp_path / d / "learned_embeds.safetensors") for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("optimizer.schedule=linear",), "optimizer.schedule must be one of constant, cosine, got 'linear'"),
+        (("method=gfti", "optimizer.schedule=cosine"), "method=gfti \\(CMA-ES\\) has none"),
+    ],
+)
+def test_bad_schedule_is_one_sentence(overrides, message):
+    with pytest.raises(ZoodipError, match=message):
+        validate(compose_train(*overrides))

@@ -57,6 +57,18 @@ def make_optimizer(cfg: DictConfig, theta: torch.nn.Parameter) -> torch.optim.Op
     return torch.optim.SGD([theta], lr=float(o.lr), momentum=float(o.momentum), weight_decay=float(o.weight_decay))
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of update `step` (1-based) of `steps`. constant: lr, as the paper trains (Sec. 4; the official
+    code builds a scheduler but never steps it). cosine: lr (1 + cos(pi (step - 1) / steps)) / 2, from lr at the first
+    update towards 0 at the last (SGDR without restarts). A pure function of the step: a resumed run needs no state."""
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (step - 1) / steps)) / 2
+    return lr
+
+
 class GradientMethod:
     """Algorithm 1, lines 4-11, for one step: g_hat (Eq. 3 / S11 / S12, or backprop), g' = SG(g_hat) (Eq. 8),
     theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
@@ -69,6 +81,8 @@ class GradientMethod:
         self.autograd = self.name == "backprop"
         self.n, self.mu, self.seed = int(cfg.estimator.n), float(cfg.estimator.mu), int(cfg.train.seed)
         self.optimizer = make_optimizer(cfg, theta)
+        self.lr, self.steps = float(cfg.optimizer.lr), int(cfg.train.steps)
+        self.schedule = str(cfg.optimizer.get("schedule", "constant"))
         self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
         self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
         est = cfg.estimator
@@ -116,6 +130,8 @@ class GradientMethod:
         if finite:
             before = theta.detach().clone() if self.k else None
             theta.grad = grad.to(theta.dtype)
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.lr, self.schedule, step, self.steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if before is not None and float((update := theta.detach() - before).norm()) > 0:

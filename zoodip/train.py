@@ -46,7 +46,7 @@ from zoodip.estimators import LossFn, backprop
 from zoodip.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
 from zoodip.health import Health
 from zoodip.io import atomic_write, read_json, write_json
-from zoodip.methods import CMAES, METHODS, GradientMethod, StepResult, build_method, method_name
+from zoodip.methods import CMAES, METHODS, SCHEDULES, GradientMethod, StepResult, build_method, method_name
 from zoodip.models import (
     check_cpu_memory,
     load_components,
@@ -82,6 +82,10 @@ def validate(cfg: DictConfig) -> None:
         (opt.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}"),
         (float(opt.lr) > 0, f"optimizer.lr must be > 0, got {opt.lr!r}"),
         (
+            opt.get("schedule", "constant") in SCHEDULES,
+            f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.get('schedule')!r}",
+        ),
+        (
             isinstance(cfg.train.steps, int) and cfg.train.steps >= 1,
             f"train.steps must be >= 1, got {cfg.train.steps!r}",
         ),
@@ -101,6 +105,8 @@ def validate(cfg: DictConfig) -> None:
     ]
     if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
         raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
+    if name == "gfti" and opt.get("schedule", "constant") != "constant":
+        raise ZoodipError("optimizer.schedule is the gradient methods' learning rate; method=gfti (CMA-ES) has none")
     if name == "antithetic":
         checks.append(
             (est.n % 2 == 0, f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
