@@ -97,6 +97,21 @@ def test_compare_reuses_measured_curves(two_methods: Path, monkeypatch: pytest.M
     assert len(loads) == 1 and (pd.read_csv(two_methods / "compare" / "curves.csv")["pool"] == 3).all()
 
 
+def test_compare_final_tokens_only(two_methods: Path, tmp_path: Path) -> None:
+    """compare.tokens=final scores each run's first and last token only, here on more images, into its own folder;
+    the finals' pool losses are those of the full curve (same pool)."""
+    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
+    full = pd.read_csv(two_methods / "compare" / "curves.csv")
+    out = tmp_path / "finals"
+    main([str(two_methods), "compare.images_per_prompt=3", "compare.pool=2", "compare.tokens=final",
+          f"compare.output={out}"])  # fmt: skip
+    finals = pd.read_csv(out / "curves.csv")
+    assert sorted(finals["forward_passes"].unique()) == [0, 30] and (finals["images_per_prompt"] == 3).all()
+    key = ["job", "forward_passes"]
+    merged = finals.merge(full, on=key, suffixes=("", "_full"))
+    assert len(merged) == 4 and merged["pool_loss"].tolist() == pytest.approx(merged["pool_loss_full"].tolist())
+
+
 def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bare = tmp_path / "bare"
     (bare / "0" / ".hydra").mkdir(parents=True)
@@ -106,7 +121,8 @@ def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, caps
     (sd / "0" / ".hydra" / "config.yaml").write_text("eval:\n  kind: dreambooth\n")
     cases = [([str(tmp_path / "nope")], "does not exist"), ([str(bare)], "kept tokens"),
              ([str(sd)], "not a toy-world run"),
-             ([str(two_methods), "compare.reference=spsa"], "none of the methods"), ([], "required")]  # fmt: skip
+             ([str(two_methods), "compare.reference=spsa"], "none of the methods"), ([], "required"),
+             ([str(two_methods), "compare.tokens=last"], "compare.tokens must be all or final")]  # fmt: skip
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

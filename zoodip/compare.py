@@ -4,7 +4,8 @@ The sweep it reads runs each method on the same subjects and seeds with the same
 token every K forward passes (`train.keep_tokens_every`), e.g. `sweeps/compare_methods.yaml`. For every kept token
 it measures, on the model each run trained (quantized as it was):
 
-* subject_accuracy: the toy world's scorer on `compare.images_per_prompt` images of each evaluation prompt;
+* subject_accuracy: the toy world's scorer on `compare.images_per_prompt` images of each evaluation prompt
+  (`compare.tokens=final`: only the first and the last token of each run, e.g. to score the finals on more images);
 * the pool loss L: Eq. 1's loss averaged over a fixed pool of (reference image, noise, timestep), t stratified over
   [0, T), the same pool for every run of a subject; and the fraction of the loss gap closed,
   (L_init - L) / (L_init - L_true), L_init the initializer's loss and L_true the loss of the subject's true words
@@ -138,6 +139,8 @@ def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
                               "(experiments=toyworld); compare runs of other models with zoodip-report")  # fmt: skip
     for job in sorted(jobs, key=lambda j: str(configs[j.name].data.subject)):  # one model load per subject
         cfg, tokens = configs[job.name], kept_tokens(job)
+        if cc.tokens == "final":  # the start (for L_init) and the end: a finer score of the finals at little cost
+            tokens = tokens[:1] + tokens[1:][-1:]
         subject, seed = str(cfg.data.subject), int(cfg.train.seed)
         if not tokens:
             log.warning("%s kept no tokens (train.keep_tokens_every): left out", job)
@@ -291,6 +294,8 @@ def markdown(summary: pd.DataFrame, reference: str, target: float) -> str:
 
 def compare(cfg: DictConfig) -> None:
     cc = cfg.compare
+    if cc.tokens not in ("all", "final"):
+        raise ZoodipError(f"compare.tokens must be all or final, got {cc.tokens!r}")
     jobs = [j for j in job_dirs(cfg.multirun_dir) if (j / "tokens").is_dir()]
     if not jobs:
         raise ZoodipError(f"no job in {cfg.multirun_dir} kept tokens: run the sweep with train.keep_tokens_every=K")
