@@ -232,6 +232,13 @@ def test_steps_up_logging_eval_and_progress_may_change(finished, overrides):
     check_resumable(record, compose_train(*COMMON, *[o for o in overrides if not o.startswith("hydra")]))
 
 
+def test_train_steps_is_math_under_a_decaying_learning_rate():
+    """A cosine schedule spans train.steps, so raising it changes the remaining updates: refused, unlike constant."""
+    constant = [run_config(compose_train(*COMMON, f"train.steps={n}")) for n in (4, 8)]
+    cosine = [run_config(compose_train(*COMMON, "optimizer.schedule=cosine", f"train.steps={n}")) for n in (4, 8)]
+    assert math_differences(*constant) == [] and math_differences(*cosine) == ["train.steps"]
+
+
 def test_train_steps_below_the_checkpoint_is_refused(finished):
     record = finished / "checkpoints" / "last.json"
     with pytest.raises(ZoodipError, match=r"train.steps=3 is below the step of checkpoint .* \(4\)"):

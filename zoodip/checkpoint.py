@@ -210,7 +210,10 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 def _math(config: dict[str, Any]) -> dict[str, Any]:
     flat = {k: v for key, sub in config.items() for k, v in _flatten(sub, key).items()}
-    return {k: v for k, v in flat.items() if k.startswith(tuple(f"{m}." for m in MATH_KEYS)) or k in MATH_KEYS}
+    math_keys = MATH_KEYS
+    if flat.get("optimizer.schedule", "constant") != "constant":  # a decaying lr spans train.steps: it is math too
+        math_keys = (*MATH_KEYS, "train.steps")
+    return {k: v for k, v in flat.items() if k.startswith(tuple(f"{m}." for m in math_keys)) or k in math_keys}
 
 
 def math_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
