@@ -64,8 +64,19 @@ def two_methods(tmp_path_factory) -> Path:
     return out
 
 
-def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture) -> None:
-    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
+def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zoodip.compare as compare_mod
+
+    calls = []
+
+    class Counting(compare_mod.Validator):
+        def __call__(self, theta):
+            calls.append(theta)
+            return super().__call__(theta)
+
+    monkeypatch.setattr(compare_mod, "Validator", Counting)
+    main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2", "compare.reuse=false"])
+    assert len(calls) == 5  # 2 runs x 3 tokens, the shared initializer token scored once
     out = two_methods / "compare"
     curves = pd.read_csv(out / "curves.csv")
     assert sorted(curves["method"].unique()) == ["prgf", "rge"]

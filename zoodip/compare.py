@@ -110,6 +110,7 @@ class SubjectProbe:
         val = OmegaConf.merge(cfg, {"eval": {"validation": {"prompts": 100, "images_per_prompt": images_per_prompt}}})
         self.validator = Validator(val, self.parts, self.text)
         self.true_loss = self.pool_losses(self.text.initial_theta()[None], true_caption=True)[0]
+        self.scored: dict[bytes, float] = {}
 
     def pool_losses(self, thetas: torch.Tensor, true_caption: bool = False) -> list[float]:
         """Mean Eq. 1 loss over the pool for each token (rows of `thetas`)."""
@@ -121,8 +122,13 @@ class SubjectProbe:
         return (total / len(self.samples)).tolist()
 
     def accuracy(self, theta: torch.Tensor) -> float:
-        with forward_mode(self.quant):
-            return float(self.validator(theta).metrics["val/subject_accuracy"])
+        """The scorer's subject_accuracy on the validator's fixed seeds: a token scored once is not scored again
+        (every run of a subject starts from the same initializer token)."""
+        key = theta.detach().float().cpu().numpy().tobytes()
+        if key not in self.scored:
+            with forward_mode(self.quant):
+                self.scored[key] = float(self.validator(theta).metrics["val/subject_accuracy"])
+        return self.scored[key]
 
 
 def measure_curves(jobs: list[Path], labels: dict[str, str], cc: DictConfig,
