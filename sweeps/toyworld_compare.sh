@@ -57,6 +57,8 @@ for stage in $STAGES; do
       train cosine "$F" "${TUNE[@]}" estimator=rge sg=off optimizer.schedule=cosine optimizer.lr=0.01,0.02,0.04
       train n4 "$F" "${TUNE[@]}" estimator=rge sg=off estimator.n=4 optimizer.schedule=cosine optimizer.lr=0.02
       train zcos "$F" "${TUNE[@]}" estimator=rge sg=on optimizer.schedule=cosine optimizer.lr=0.02
+      # run after the lines above had shown every higher or decayed lr doing worse: the other side of lr 0.01
+      train low "$F" "${TUNE[@]}" estimator=rge sg=off optimizer.lr=0.005,0.0071
       ;;
     cosine)
       F=$OUT/cosine
