@@ -59,6 +59,8 @@ for stage in $STAGES; do
       train zcos "$F" "${TUNE[@]}" estimator=rge sg=on optimizer.schedule=cosine optimizer.lr=0.02
       # run after the lines above had shown every higher or decayed lr doing worse: the other side of lr 0.01
       train low "$F" "${TUNE[@]}" estimator=rge sg=off optimizer.lr=0.005,0.0071
+      # and after lr 0.005 had closed the most of the gap: lower still
+      train lower "$F" "${TUNE[@]}" estimator=rge sg=off optimizer.lr=0.0025,0.0035
       ;;
     cosine)
       F=$OUT/cosine
