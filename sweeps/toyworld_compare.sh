@@ -38,6 +38,7 @@ train() {  # train NAME FOLDER ARGS...: one multirun into FOLDER, its job folder
 }
 
 for stage in $STAGES; do
+  REF='estimator=rge,sg=on'   # ZOODiP's label in zoodip-compare: the overrides that vary in the stage's folder
   case $stage in
     screen)
       F=$OUT/screen
@@ -50,6 +51,7 @@ for stage in $STAGES; do
       ;;
     lr)
       F=$OUT/lr
+      REF='sg=on'   # every run of this stage is RGE
       mkdir -p "$F"
       TUNE=(data.subject=green_circle,green_triangle train.seed=0,1)
       train zoodip "$F" "${TUNE[@]}" estimator=rge sg=on
@@ -85,6 +87,6 @@ for stage in $STAGES; do
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   start=$(date +%s)
-  OMP_NUM_THREADS=2 "$BIN/zoodip-compare" "$F" "compare.reference='estimator=rge,sg=on'" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
+  OMP_NUM_THREADS=2 "$BIN/zoodip-compare" "$F" "compare.reference='$REF'" >>"$F.log" 2>&1 || echo "$F: compare failed" | tee -a "$OUT.times"
   echo "$F compare: $(( $(date +%s) - start )) s" | tee -a "$OUT.times"
 done
