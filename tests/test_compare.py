@@ -86,7 +86,8 @@ def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture, mo
     assert curves["subject_accuracy"].between(0, 1).all() and (curves["true_caption_loss"] > 0).all()
     summary = pd.read_csv(out / "summary.csv").set_index("method")
     assert summary.loc["rge", "memory_vs_reference"] == 1.0 and summary.loc["prgf", "runs"] == 1
-    assert (out / "curves.png").stat().st_size > 0 and "| prgf |" in (out / "summary.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0 and (out / "finals.png").stat().st_size > 0
+    assert "| prgf |" in (out / "summary.md").read_text()
     assert "median speed-up" in capsys.readouterr().out
 
 
@@ -121,6 +122,9 @@ def test_compare_final_tokens_only(two_methods: Path, tmp_path: Path) -> None:
     key = ["job", "forward_passes"]
     merged = finals.merge(full, on=key, suffixes=("", "_full"))
     assert len(merged) == 4 and merged["pool_loss"].tolist() == pytest.approx(merged["pool_loss_full"].tolist())
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["median_speedup"].isna().all() and summary["equal_budget_accuracy"].isna().all()
+    assert summary["final_subject_accuracy"].notna().all()
 
 
 def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

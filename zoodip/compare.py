@@ -13,7 +13,8 @@ it measures, on the model each run trained (quantized as it was):
 
 A method is a job's swept overrides other than `data.subject`, `train.seed` and the budget keys (`train.steps`,
 `train.forward_budget`, `train.keep_tokens_every`, `train.grad_cosine_every`); with one such key, its value alone. Into
-<dir>/compare/ it writes curves.csv (one row per kept token), curves.png, summary.csv and summary.md:
+<dir>/compare/ it writes curves.csv (one row per kept token), curves.png, finals.png (each method's final
+subject_accuracy against the reference's, per subject and seed), summary.csv and summary.md:
 
 * per method: its final subject_accuracy and gap closed, forwards-to-target (the first kept token at or above the
   target: by default the reference method's mean final subject_accuracy), the speed-up over the reference per
@@ -52,6 +53,9 @@ log = logging.getLogger("zoodip.compare")
 USAGE = "usage: zoodip-compare MULTIRUN_DIR [compare.reference=LABEL] [compare.target=0.76] [key=value ...]"
 MEMORY_TOLERANCE = 1.05  # the issue's bar: at most 5% above the reference's peak memory
 #: Overrides that are not part of a method: averaged over (subject, seed) or the measurement's own settings.
+#: Summary columns read off a curve; compare.tokens=final measures none, so they are left empty there.
+CURVE_COLUMNS = ["equal_budget", "equal_budget_accuracy", "equal_budget_minus_reference", "equal_budget_t_p",
+                 "reached_target", "median_forwards_to_target", "median_speedup", "speedup_wilcoxon_p"]  # fmt: skip
 NOT_METHOD = (*NUISANCE, "train.forward_budget", "train.keep_tokens_every", "train.grad_cosine_every", "train.steps")
 
 
@@ -280,6 +284,31 @@ def plot_curves(curves: pd.DataFrame, target: float, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def plot_finals(curves: pd.DataFrame, reference: str, path: Path) -> None:
+    """Each method's final subject_accuracy against the reference's, one point per (subject, seed): above the
+    diagonal, the method ended ahead on that pair."""
+    from matplotlib.figure import Figure
+
+    final = curves.sort_values("forward_passes").groupby(["method", "subject", "seed"]).tail(1)
+    pairs = final.pivot_table(index=["subject", "seed"], columns="method", values="subject_accuracy")
+    others = [m for m in dict.fromkeys(final["method"]) if m != reference]
+    fig = Figure(figsize=(4.2 * max(len(others), 1), 4.2), layout="constrained")
+    for ax, method in zip(np.atleast_1d(fig.subplots(1, max(len(others), 1))), others, strict=False):
+        both = pairs[[reference, method]].dropna()
+        for subject, group in both.groupby(level="subject"):
+            ax.scatter(group[reference], group[method], s=22, alpha=0.8, label=str(subject))
+        ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"{reference} (final)", ylabel=f"{method} (final)",
+               title=f"{(both[method] > both[reference]).sum()} ahead, {(both[method] < both[reference]).sum()} "
+                     f"behind of {len(both)}")  # fmt: skip
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(8)
+        ax.yaxis.label.set_fontsize(8)
+    if others:
+        fig.axes[0].legend(fontsize=7)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
 def markdown(summary: pd.DataFrame, reference: str, target: float) -> str:
     lines = [f"# zoodip-compare: reference {reference}, target subject_accuracy {target:.3f}", "",
              "| method | runs | budget | final subject_accuracy | gap closed | final - reference (Wilcoxon p) | "
@@ -320,10 +349,13 @@ def compare(cfg: DictConfig) -> None:
         float(cc.target) if cc.target is not None else float(final[final.method == reference].subject_accuracy.mean())
     )
     summary = summarize(curves, run_table(jobs, labels), reference, target)
+    if cc.tokens == "final":  # no curve between the start and the end: nothing to read a budget or a speed-up from
+        summary[CURVE_COLUMNS] = math.nan
     atomic_write(out / "curves.csv", lambda tmp: curves.to_csv(tmp, index=False))
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write_text(out / "summary.md", markdown(summary, reference, target))
     plot_curves(curves, target, out / "curves.png")
+    plot_finals(curves, reference, out / "finals.png")
     print(markdown(summary, reference, target))
     print(f"zoodip-compare: wrote {out}", file=sys.stderr)
 
