@@ -52,10 +52,10 @@ from zoodip.report import NUISANCE, _read_metrics, _read_overrides, job_dirs
 log = logging.getLogger("zoodip.compare")
 USAGE = "usage: zoodip-compare MULTIRUN_DIR [compare.reference=LABEL] [compare.target=0.76] [key=value ...]"
 MEMORY_TOLERANCE = 1.05  # the bar: at most 5% above the reference's peak memory
-#: Overrides that are not part of a method: averaged over (subject, seed) or the measurement's own settings.
 #: Summary columns read off a curve; compare.tokens=final measures none, so they are left empty there.
 CURVE_COLUMNS = ["equal_budget", "equal_budget_accuracy", "equal_budget_minus_reference", "equal_budget_t_p",
                  "reached_target", "median_forwards_to_target", "median_speedup", "speedup_wilcoxon_p"]  # fmt: skip
+#: Overrides that are not part of a method: averaged over (subject, seed) or the measurement's own settings.
 NOT_METHOD = (*NUISANCE, "train.forward_budget", "train.keep_tokens_every", "train.grad_cosine_every", "train.steps")
 
 
@@ -292,8 +292,15 @@ def plot_finals(curves: pd.DataFrame, reference: str, path: Path) -> None:
     final = curves.sort_values("forward_passes").groupby(["method", "subject", "seed"]).tail(1)
     pairs = final.pivot_table(index=["subject", "seed"], columns="method", values="subject_accuracy")
     others = [m for m in dict.fromkeys(final["method"]) if m != reference]
-    fig = Figure(figsize=(4.2 * max(len(others), 1), 4.2), layout="constrained")
-    for ax, method in zip(np.atleast_1d(fig.subplots(1, max(len(others), 1))), others, strict=False):
+    if reference not in pairs or not others:
+        return
+    cols = min(len(others), 4)
+    rows = math.ceil(len(others) / cols)
+    fig = Figure(figsize=(4.2 * cols, 4.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes[len(others) :]:
+        ax.set_axis_off()
+    for ax, method in zip(axes, others, strict=False):
         both = pairs[[reference, method]].dropna()
         for subject, group in both.groupby(level="subject"):
             ax.scatter(group[reference], group[method], s=22, alpha=0.8, label=str(subject))
@@ -304,8 +311,7 @@ def plot_finals(curves: pd.DataFrame, reference: str, path: Path) -> None:
         ax.title.set_fontsize(9)
         ax.xaxis.label.set_fontsize(8)
         ax.yaxis.label.set_fontsize(8)
-    if others:
-        fig.axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
