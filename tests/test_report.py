@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from zoodip.report import build_report, grid_table, load_runs, main
+from zoodip.report import build_report, grid_table, load_runs, main, paired_difference
 
 
 def make_job(root: Path, name: str, overrides: dict, train: dict | None = None, evals: dict | None = None) -> Path:
@@ -330,3 +331,16 @@ def test_preempted_and_interrupted_jobs_are_counted_and_labelled(tmp_path: Path)
     assert "1 completed, 0 failed, 1 preempted, 1 interrupted, 0 missing" in md
     rows = {r[0]: r for r in section(md, "final_loss (mean ± sd")[1:]}
     assert rows["spsa"][1] == "preempted" and rows["one_point"][1] == "interrupted"
+
+
+def test_paired_difference_by_hand():
+    """Differences 1, 2, 3, 4: mean 2.5, sd 1.291, t = 2.5 / (1.291 / 2) = 3.873 on 3 degrees of freedom, two-sided
+    p = 0.0305; Wilcoxon: all four ranks positive, exact two-sided p = 2 / 2**4 = 0.125. No difference: p = 1; one
+    pair: no test."""
+    out = paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert out["mean_difference"] == 2.5
+    assert out["t_test_p"] == pytest.approx(0.0305, abs=5e-4) and out["wilcoxon_p"] == pytest.approx(0.125)
+    assert paired_difference([0.5, 0.7], [0.5, 0.7]) == {"mean_difference": 0.0, "t_test_p": 1.0, "wilcoxon_p": 1.0}
+    one = paired_difference([0.9], [0.4])
+    assert one["mean_difference"] == pytest.approx(0.5)
+    assert math.isnan(one["t_test_p"]) and math.isnan(one["wilcoxon_p"])

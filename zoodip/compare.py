@@ -47,7 +47,7 @@ from zoodip.io import atomic_write, atomic_write_text
 from zoodip.models import load_components, resolve_device
 from zoodip.objective import Objective, TextConditioner
 from zoodip.quantize import forward_mode
-from zoodip.report import NUISANCE, _read_metrics, _read_overrides, job_dirs
+from zoodip.report import NUISANCE, _read_metrics, _read_overrides, job_dirs, paired_difference
 
 log = logging.getLogger("zoodip.compare")
 USAGE = "usage: zoodip-compare MULTIRUN_DIR [compare.reference=LABEL] [compare.target=0.76] [key=value ...]"
@@ -190,15 +190,6 @@ def speedup(reference: float, mine: float) -> float:
     return math.inf if mine == 0 else reference / mine
 
 
-def paired(mine: list[float], ref: list[float], test=stats.wilcoxon) -> tuple[float, float]:
-    """Mean of the paired differences and the test's p-value (NaN below 3 pairs or when all differences are 0)."""
-    diffs = [a - b for a, b in zip(mine, ref, strict=True)]
-    if not diffs:
-        return math.nan, math.nan
-    p = float(test(mine, ref).pvalue) if len(diffs) >= 3 and any(diffs) else math.nan
-    return float(np.mean(diffs)), p
-
-
 def summarize(curves: pd.DataFrame, runs: pd.DataFrame, reference: str, target: float) -> pd.DataFrame:
     """Per method: finals, the accuracy at the budget every run reached, forwards-to-target, the speed-up over
     `reference` (paired by subject and seed), memory against the reference's, the true-gradient cosine."""
@@ -224,18 +215,18 @@ def summarize(curves: pd.DataFrame, runs: pd.DataFrame, reference: str, target: 
                     if math.isfinite(ref[k]["to_target"]) or math.isfinite(mine[k]["to_target"])]  # fmt: skip
         logs = [math.log(v) for v in speedups if 0 < v < math.inf]  # unreached pairs count in the median only
         finals = [v["final"] for v in mine.values()]
-        final_diff, final_p = paired([mine[k]["final"] for k in common], [ref[k]["final"] for k in common])
-        equal_diff, equal_p = paired([mine[k]["equal"] for k in common], [ref[k]["equal"] for k in common],
-                                     stats.ttest_rel)  # fmt: skip
+        at_final = paired_difference([mine[k]["final"] for k in common], [ref[k]["final"] for k in common])
+        at_equal = paired_difference([mine[k]["equal"] for k in common], [ref[k]["equal"] for k in common])
         to_target = [v["to_target"] for v in mine.values()]
         rows.append({
             "method": method, "runs": len(mine), "budget": float(np.median([v["budget"] for v in mine.values()])),
             "final_subject_accuracy": float(np.mean(finals)),
             "final_subject_accuracy_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else math.nan,
             "final_gap_closed": float(np.nanmean([v["gap"] for v in mine.values()])),
-            "accuracy_minus_reference": final_diff, "accuracy_minus_reference_wilcoxon_p": final_p,
+            "accuracy_minus_reference": at_final["mean_difference"],
+            "accuracy_minus_reference_wilcoxon_p": at_final["wilcoxon_p"],
             "equal_budget": equal, "equal_budget_accuracy": float(np.mean([v["equal"] for v in mine.values()])),
-            "equal_budget_minus_reference": equal_diff, "equal_budget_t_p": equal_p,
+            "equal_budget_minus_reference": at_equal["mean_difference"], "equal_budget_t_p": at_equal["t_test_p"],
             "reached_target": int(sum(math.isfinite(v) for v in to_target)),
             "median_forwards_to_target": float(np.median(to_target)),
             "median_speedup": float(np.median(speedups)) if speedups else math.nan,

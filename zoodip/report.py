@@ -531,6 +531,20 @@ def _paired_section(paired: list[dict[str, Any]], param: str, how: str) -> str:
     return f"\n\n## Paired comparisons of {_axis(param)} ({how})\n\n" + _md_table(header, rows)
 
 
+def paired_difference(mine: Any, ref: Any) -> dict[str, float]:
+    """Paired by position: the mean of mine - ref, the paired t-test's and the Wilcoxon signed-rank test's two-sided
+    p-values (1 where the differences are all 0, or for the t-test do not vary; NaN below 2 pairs)."""
+    from scipy import stats
+
+    diff = np.asarray(mine, dtype=float) - np.asarray(ref, dtype=float)
+    if len(diff) < 2:
+        return {"mean_difference": float(diff.mean()) if len(diff) else math.nan, "t_test_p": math.nan,
+                "wilcoxon_p": math.nan}  # fmt: skip
+    t_p = float(stats.ttest_rel(np.asarray(mine, float), np.asarray(ref, float)).pvalue) if diff.std() > 0 else 1.0
+    w_p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+    return {"mean_difference": float(diff.mean()), "t_test_p": t_p, "wilcoxon_p": w_p}
+
+
 def paired_tests(
     df: pd.DataFrame, param: str, metrics: list[str], within: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
@@ -538,8 +552,6 @@ def paired_tests(
     nuisance keys (seed, subject) that the jobs differ in and by `within` (the other factor of a factorial grid
     such as Table 3's SG x PUTS): mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided).
     Empty when there is no such key or fewer than 2 pairs."""
-    from scipy import stats
-
     keys = [k for k in NUISANCE if k != param and k in df.columns and df[k].astype(str).nunique() > 1]
     keys = keys + [k for k in within if k != param] if keys else []
     done = df[df["status"].eq("completed")]
@@ -555,11 +567,8 @@ def paired_tests(
             pair = table[[levels[0], level]].dropna() if level in table and levels[0] in table else table.iloc[:0]
             if len(pair) < 2:
                 continue
-            diff = (pair[level] - pair[levels[0]]).to_numpy(dtype=float)
-            t_p = float(stats.ttest_rel(pair[level], pair[levels[0]]).pvalue) if diff.std() > 0 else 1.0
-            w_p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
             out.append({"level": _py(level), "reference": _py(levels[0]), "metric": metric, "pairs": len(pair),
-                        "mean_difference": float(diff.mean()), "t_test_p": t_p, "wilcoxon_p": w_p})  # fmt: skip
+                        **paired_difference(pair[level], pair[levels[0]])})  # fmt: skip
     return out
 
 
