@@ -275,12 +275,11 @@ def plot_curves(curves: pd.DataFrame, target: float, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def plot_finals(curves: pd.DataFrame, reference: str, path: Path) -> None:
-    """Each method's final subject_accuracy against the reference's, one point per (subject, seed): above the
-    diagonal, the method ended ahead on that pair."""
+def plot_finals(final: pd.DataFrame, reference: str, path: Path) -> None:
+    """Each method's final subject_accuracy against the reference's, one point per (subject, seed) (`final`: each
+    run's last row of the curves): above the diagonal, the method ended ahead on that pair."""
     from matplotlib.figure import Figure
 
-    final = curves.sort_values("forward_passes").groupby(["method", "subject", "seed"]).tail(1)
     pairs = final.pivot_table(index=["subject", "seed"], columns="method", values="subject_accuracy")
     others = [m for m in dict.fromkeys(final["method"]) if m != reference]
     if reference not in pairs or not others:
@@ -352,7 +351,7 @@ def compare(cfg: DictConfig) -> None:
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write_text(out / "summary.md", markdown(summary, reference, target))
     plot_curves(curves, target, out / "curves.png")
-    plot_finals(curves, reference, out / "finals.png")
+    plot_finals(final, reference, out / "finals.png")
     print(markdown(summary, reference, target))
     print(f"zoodip-compare: wrote {out}", file=sys.stderr)
 

@@ -536,11 +536,12 @@ def paired_difference(mine: Any, ref: Any) -> dict[str, float]:
     p-values (1 where the differences are all 0, or for the t-test do not vary; NaN below 2 pairs)."""
     from scipy import stats
 
-    diff = np.asarray(mine, dtype=float) - np.asarray(ref, dtype=float)
+    mine, ref = np.asarray(mine, dtype=float), np.asarray(ref, dtype=float)
+    diff = mine - ref
     if len(diff) < 2:
         return {"mean_difference": float(diff.mean()) if len(diff) else math.nan, "t_test_p": math.nan,
                 "wilcoxon_p": math.nan}  # fmt: skip
-    t_p = float(stats.ttest_rel(np.asarray(mine, float), np.asarray(ref, float)).pvalue) if diff.std() > 0 else 1.0
+    t_p = float(stats.ttest_rel(mine, ref).pvalue) if diff.std() > 0 else 1.0
     w_p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
     return {"mean_difference": float(diff.mean()), "t_test_p": t_p, "wilcoxon_p": w_p}
 
