@@ -11,7 +11,13 @@ from tests.conftest import same_weights
 from zoodip import CONF_DIR
 from zoodip.errors import ZoodipError
 from zoodip.models import _safetensors_shards, build_unet, load_components, set_cpu_memory
-from zoodip.quantize import count_quantized, quantize_weights, use_fast_cpu_int8
+from zoodip.quantize import (
+    count_quantized,
+    dequantized_copy_bytes,
+    keep_dequantized_copies,
+    quantize_weights,
+    use_fast_cpu_int8,
+)
 
 
 def tiny_unet() -> UNet2DConditionModel:
@@ -115,6 +121,57 @@ def test_fast_cpu_int8_leaves_compiled_graphs_to_quanto():
         compiled = torch.compile(model, backend=backend)(x)
     assert not any("mul" in target for target in traced) and any("linear" in target for target in traced)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_a_kept_dequantized_copy_gives_the_same_bits_once():
+    """keep_dequantized_copies: each layer dequantizes once (the same product as at every forward, so bit-identical
+    outputs), and later forwards read the copy, not the int8 data."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Conv2d(3, 8, 3, padding=1))
+    quantize_weights(net, "int8")
+    use_fast_cpu_int8(net)
+    x, img = torch.randn(300, 16), torch.randn(2, 3, 5, 5)
+    with torch.inference_mode():
+        every_forward = net[0](x), net[1](img)
+    assert dequantized_copy_bytes([net], torch.float32) == (16 * 32 + 3 * 8 * 9) * 4
+    assert keep_dequantized_copies([net], torch.float32) == 2 and keep_dequantized_copies([net], torch.float32) == 0
+    assert set(net[0]._dequantized_copies) == {torch.float32}
+    w = net[0].weight._data.float() * net[0].weight._scale.float()
+    assert torch.equal(net[0]._dequantized_copies[torch.float32], w)
+    with torch.inference_mode():
+        assert torch.equal(net[0](x), every_forward[0]) and torch.equal(net[1](img), every_forward[1])
+        net[0].weight._data.zero_()  # the copy is what runs now: the int8 data is not read again
+        assert torch.equal(net[0](x), every_forward[0])
+
+
+@pytest.mark.parametrize("setting, kept", [(None, True), (True, True), (False, False)])
+def test_loaded_models_keep_copies_when_they_are_small(tiny_pipeline_dir, setting, kept):
+    """quantization.dequantized_copy: null keeps copies for a model as small as the tiny one; false never does; the
+    training losses are the same bits either way."""
+    parts = load_components("tiny", "pretrained", str(tiny_pipeline_dir), torch.float32, torch.device("cpu"), "int8",
+                            dequantized_copy=setting)  # fmt: skip
+    layers = [m for m in parts.unet.modules() if hasattr(m, "_quanto_forward")]
+    assert layers and all(hasattr(m, "_dequantized_copies") == kept for m in layers)
+
+
+def test_dequantized_copies_change_no_loss(tiny_pipeline_dir):
+    from zoodip.objective import Objective, TextConditioner
+
+    losses = []
+    for setting in (False, True):
+        parts = load_components("tiny", "pretrained", str(tiny_pipeline_dir), torch.float32, torch.device("cpu"),
+                                "int8", dequantized_copy=setting)  # fmt: skip
+        text = TextConditioner(parts, "<tok>", "dog", 1)
+        objective = Objective(parts, text, batched=True)
+        g = torch.Generator().manual_seed(0)
+        theta = text.initial_theta()
+        candidates = torch.stack([theta, theta + 0.01 * torch.randn(theta.shape, generator=g)])
+        with torch.inference_mode():
+            objective.set_sample(
+                torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), 600, "a {}"
+            )
+            losses.append(objective.losses(candidates))
+    assert torch.equal(losses[0], losses[1])
 
 
 def test_int4_linear_projection_takes_the_permuted_feature_map():

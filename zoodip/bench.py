@@ -25,7 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from zoodip import CONF_DIR
+from zoodip import CONF_DIR, ROOT
 from zoodip.errors import EXIT_USAGE, ZoodipError
 from zoodip.io import atomic_write_text, write_json
 from zoodip.models import peak_rss_bytes
@@ -344,9 +344,57 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], arch: str, res
     return "\n".join(lines) + "\n"
 
 
+def step_table(cfg: DictConfig, out: Path) -> None:
+    """bench.table=step: the toy world's step and evaluation against this CPU's floor (zoodip/stepbench.py)."""
+    from zoodip import stepbench
+
+    st = cfg.bench.step
+    unknown = [v for v in st.variants if v not in stepbench.VARIANTS]
+    if cfg.model.arch != "toyworld":
+        raise ZoodipError(f"bench.table=step times the toy world's presets: use model=toyworld, not {cfg.model.arch}")
+    if unknown:
+        raise ZoodipError(f"unknown bench.step.variants {', '.join(unknown)}; known: {', '.join(stepbench.VARIANTS)}")
+    threads = list(st.threads)
+    if not threads or not all(isinstance(k, int) and k >= 1 for k in threads):
+        raise ZoodipError(f"bench.step.threads must be a list of thread counts >= 1, got {threads!r}")
+    if not (isinstance(st.steps, int) and st.steps >= 1 and isinstance(st.warmup, int) and st.warmup >= 1):
+        raise ZoodipError(f"bench.step.steps and bench.step.warmup must be >= 1, got {st.steps!r} and {st.warmup!r}")
+    baseline = Path(st.baseline).expanduser().resolve() if st.baseline else None
+    if baseline is not None and not (baseline / "zoodip" / "__init__.py").is_file():
+        raise ZoodipError(f"bench.step.baseline={st.baseline!r} is not a zoodip checkout (no zoodip/__init__.py)")
+    jobs = stepbench.plan(list(st.variants), threads, baseline, bool(st.eval), int(st.steps), int(st.warmup))
+    rows: list[dict[str, Any]] = []
+    for label, spec, checkout in jobs:
+        print(f"zoodip-bench: {label}, {spec['threads']} thread(s) ...", file=sys.stderr, flush=True)
+        rows.append({"label": label, "threads": spec["threads"], "checkout": str(checkout or ROOT),
+                     **stepbench.run_job(spec, checkout, float(st.timeout_s))})  # fmt: skip
+        info = machine([])
+        write_json(out / "bench.json", {"machine": info, "table": "step", "baseline": str(baseline or ""),
+                                        "rows": rows})  # fmt: skip
+    table = stepbench.markdown(rows, machine([]))
+    atomic_write_text(out / "bench.md", table)
+    print(table)
+    print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     b = cfg.bench
+    out = Path(HydraConfig.get().runtime.output_dir)
+    table = b.get("table", "auto")
+    if table == "auto":
+        table = "step" if cfg.model.arch == "toyworld" else "methods"
+    if table not in ("methods", "step"):
+        print(f"error: bench.table must be auto, methods or step, got {table!r}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    if table == "step":
+        try:
+            step_table(cfg, out)
+        except ZoodipError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+        OmegaConf.save(cfg, out / "bench_config.yaml")
+        return
     try:
         check_methods(list(b.methods))
         from zoodip.models import check_cpu_memory, resolve_device
@@ -362,7 +410,6 @@ def hydra_main(cfg: DictConfig) -> None:
     spec = {"arch": cfg.model.arch, "device": b.device, "steps": int(b.steps), "warmup": int(b.warmup),
             "resolution": resolution, "seed": int(b.seed), "cpu_memory": b.cpu_memory,
             "run_steps": int(b.run_steps)}  # fmt: skip
-    out = Path(HydraConfig.get().runtime.output_dir)
     results: list[dict[str, Any]] = []
     for method in b.methods:
         print(f"zoodip-bench: {method} ...", file=sys.stderr, flush=True)

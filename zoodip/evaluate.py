@@ -270,7 +270,8 @@ def build_pipeline(
         else (m.init, m.path, q.weights, q.get("others", q.weights))
     )
     dtype = resolve_dtype(m.dtype, device)
-    parts = load_components(m.arch, init, path, dtype, device, quant, seed=int(m.seed), others=others)
+    parts = load_components(m.arch, init, path, dtype, device, quant, seed=int(m.seed), others=others,
+                            dequantized_copy=q.get("dequantized_copy"))  # fmt: skip
     folder = resolve_pretrained(path, parts.is_sdxl) if init == "pretrained" else None
     pipe = assemble_pipeline(parts, parts.vae, inference_scheduler(ev.scheduler, folder, parts.scheduler))
     if embeddings is not None:

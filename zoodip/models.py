@@ -21,7 +21,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from zoodip import CONF_DIR
 from zoodip.errors import ZoodipError
 from zoodip.hub import hub_reachable
-from zoodip.quantize import count_quantized, quantize_weights, use_fast_cpu_int8
+from zoodip.quantize import (
+    DEQUANTIZED_COPY_MAX_BYTES,
+    count_quantized,
+    dequantized_copy_bytes,
+    keep_dequantized_copies,
+    quantize_weights,
+    use_fast_cpu_int8,
+)
 from zoodip.tokenizer import cached_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -353,11 +360,13 @@ def load_components(
     seed: int = 0,
     fast_cpu_int8: bool = True,
     others: str | None = None,
+    dequantized_copy: bool | None = None,
 ) -> Components:
     """Load every component, quantizing each right after it is loaded (never two full-precision copies; the
     UNet is built quantized block by block). `quantization` is the UNet's weight type and `others` that of the
     VAE and text encoder(s) (default: the same; INT4 keeps them INT8, paper S3.2 / Table S8). On the CPU, INT8
-    layers run through `use_fast_cpu_int8`."""
+    layers run through `use_fast_cpu_int8`, and keep a dequantized copy of their weights where `dequantized_copy`
+    says so (None: when the copies take at most DEQUANTIZED_COPY_MAX_BYTES; the numbers are the same either way)."""
     others = others or quantization
     sdxl = is_sdxl_arch(arch)
     if init == "random":
@@ -398,5 +407,9 @@ def load_components(
     finally:
         diffusers_logging.set_verbosity(verbosity)
     release_freed_memory()
+    if fast_cpu_int8 and device.type == "cpu" and dequantized_copy is not False:
+        size = dequantized_copy_bytes(list(modules.values()), dtype)
+        if dequantized_copy or size <= DEQUANTIZED_COPY_MAX_BYTES:
+            keep_dequantized_copies(list(modules.values()), dtype)
     encoders = [modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules]
     return Components(tokenizers, encoders, modules["unet"], modules["vae"], scheduler, dtype, device, source)

@@ -70,26 +70,68 @@ def _dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.mul(data, scale if scale.dtype == dtype else scale.to(dtype), out=out)
 
 
-def _keeps_quanto() -> bool:
+def _keeps_quanto(layer: torch.nn.Module) -> bool:
     """Where the shared buffer cannot serve, the layer runs quanto's own kernels: under autograd (backward
     would keep the buffer) and under torch.compile (the compiled SD1.5 UNet then held a dequantized copy of
-    every weight, training peak 5.74 GB against 2.08 GB with quanto's kernels compiled; BENCHMARKS.md)."""
-    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+    every weight, training peak 5.74 GB against 2.08 GB with quanto's kernels compiled; BENCHMARKS.md). A layer
+    that keeps its own dequantized copy (`keep_dequantized_copies`) compiles with it."""
+    if torch.is_grad_enabled():
+        return True
+    return torch.compiler.is_compiling() and not hasattr(layer, "_dequantized_copies")
+
+
+def _dequantized(self: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """This layer's W = q * s in `dtype`: its own copy, made once, when the layer keeps one
+    (`use_fast_cpu_int8(keep_copy=True)`), else written into the shared buffer at every call. The same product
+    either way, so a kept copy changes the speed, never the numbers."""
+    copies = getattr(self, "_dequantized_copies", None)
+    if copies is None:
+        return _dequantize_into_workspace(self.weight, dtype)
+    if dtype not in copies:
+        data, scale = self.weight._data, self.weight._scale
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable under no_grad forwards too
+            copies[dtype] = torch.mul(data, scale if scale.dtype == dtype else scale.to(dtype))
+    return copies[dtype]
 
 
 def _int8_linear_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if _keeps_quanto():
+    if _keeps_quanto(self):
         return self._quanto_forward(x)
     rows = x.numel() // x.shape[-1]
     if x.dtype == torch.bfloat16 and rows < INT8PACK_MAX_ROWS:
         return self._quanto_forward(x)
-    return F.linear(x, _dequantize_into_workspace(self.weight, x.dtype), self.bias)
+    return F.linear(x, _dequantized(self, x.dtype), self.bias)
 
 
 def _int8_conv2d_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if _keeps_quanto():
+    if _keeps_quanto(self):
         return self._quanto_forward(x)
-    return self._conv_forward(x, _dequantize_into_workspace(self.weight, x.dtype), self.bias)
+    return self._conv_forward(x, _dequantized(self, x.dtype), self.bias)
+
+
+#: `quantization.dequantized_copy: null` (auto) keeps a dequantized copy of every CPU INT8 layer when the copies
+#: of a model take at most this much: the toy world's take 28 MB, SD1.5's would take 3.4 GB in fp32.
+DEQUANTIZED_COPY_MAX_BYTES = 512 * 2**20
+
+
+def int8_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The frozen INT8 Linear/Conv2d layers of `module` whose weights sit on the CPU."""
+    from optimum.quanto.nn import QConv2d, QLinear
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
+
+    return [
+        layer
+        for layer in module.modules()
+        if isinstance(layer, (QLinear, QConv2d))
+        and type(layer.weight) is WeightQBytesTensor
+        and layer.weight.device.type == "cpu"
+    ]
+
+
+def dequantized_copy_bytes(modules: list[torch.nn.Module], dtype: torch.dtype) -> int:
+    """What dequantized copies of every CPU INT8 weight of `modules` would take in `dtype`."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(layer.weight.numel() * size for m in modules for layer in int8_layers(m))
 
 
 def use_fast_cpu_int8(module: torch.nn.Module) -> int:
@@ -99,20 +141,29 @@ def use_fast_cpu_int8(module: torch.nn.Module) -> int:
     cores (SD1.5 UNet, 64x64 latent, bf16): quanto 5.2 s per forward, this 3.8 s, unquantized bf16 4.0 s.
     On CUDA quanto's kernels are kept. Returns how many layers were switched.
     """
-    from optimum.quanto.nn import QConv2d, QLinear
-    from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
-
     switched = 0
-    for layer in module.modules():
-        if not isinstance(layer, (QLinear, QConv2d)) or type(layer.weight) is not WeightQBytesTensor:
-            continue
-        if layer.weight.device.type != "cpu" or hasattr(layer, "_quanto_forward"):
+    for layer in int8_layers(module):
+        if hasattr(layer, "_quanto_forward"):
             continue
         layer._quanto_forward = layer.forward
-        fast = _int8_linear_forward if isinstance(layer, QLinear) else _int8_conv2d_forward
+        fast = _int8_linear_forward if isinstance(layer, torch.nn.Linear) else _int8_conv2d_forward
         layer.forward = types.MethodType(fast, layer)
         switched += 1
     return switched
+
+
+def keep_dequantized_copies(modules: list[torch.nn.Module], dtype: torch.dtype) -> int:
+    """Let every layer switched by `use_fast_cpu_int8` keep its dequantized weight, made here in `dtype` (in
+    another dtype at its first forward in it), instead of dequantizing at every forward: for models whose copies
+    cost little, where dequantization is a large share of a forward. Returns how many layers keep one."""
+    kept = 0
+    for module in modules:
+        for layer in int8_layers(module):
+            if hasattr(layer, "_quanto_forward") and not hasattr(layer, "_dequantized_copies"):
+                layer._dequantized_copies = {}
+                _dequantized(layer, dtype)
+                kept += 1
+    return kept
 
 
 def count_quantized(module: torch.nn.Module) -> tuple[int, int]:

@@ -69,6 +69,7 @@ KNOBS: dict[str, Knob] = {
     "estimator.mu": Knob(float, 0, open_low=True),
     "estimator.batched": Knob(bool),
     "estimator.max_batch": Knob(int, 1),
+    "quantization.dequantized_copy": Knob(bool, nullable=True),
     "sg.enabled": Knob(bool),
     "sg.tau": Knob(int, 2),
     "sg.nu": Knob(float, 0, 1, open_low=True, open_high=True),

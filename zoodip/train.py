@@ -250,7 +250,8 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
     parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
-                            seed=int(cfg.model.seed), others=cfg.quantization.others)  # fmt: skip
+                            seed=int(cfg.model.seed), others=cfg.quantization.others,
+                            dequantized_copy=cfg.quantization.get("dequantized_copy"))  # fmt: skip
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
         raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
