@@ -66,16 +66,17 @@ def test_the_step_table_end_to_end_against_a_baseline_checkout(tmp_path):
     from zoodip import ROOT
 
     cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", "bench.step.threads=[1]", "bench.step.steps=2",
-           "bench.step.warmup=1", "bench.step.eval=false", "bench.step.variants=[zoodip]",
+           "bench.step.warmup=1", "bench.step.eval=false", "bench.step.variants=[zoodip]", "bench.step.profile=[zoodip]",
            f"bench.step.baseline={ROOT}", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
-    assert set(rows) == {"zoodip", "baseline zoodip", "baseline ti", "floor"}
+    assert set(rows) == {"zoodip", "baseline zoodip", "baseline ti", "floor", "profile zoodip"}
     assert all(r["status"] == "completed" for r in rows.values()), rows
     assert rows["floor"]["product_flops"] > 0.5e9 and rows["floor"]["products"] > 100
-    assert "| zoodip |" in proc.stdout and "% of floor" in proc.stdout
+    assert "| zoodip |" in proc.stdout and "% of floor" in proc.stdout and "**Profile: zoodip**" in proc.stdout
+    assert any(o["op"] == "aten::addmm" for o in rows["profile zoodip"]["ops"])
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,7 @@ def test_the_step_table_end_to_end_against_a_baseline_checkout(tmp_path):
         ("model=tiny bench.table=step", "use model=toyworld"),
         ("bench.step.variants=[fast]", "unknown bench.step.variants fast"),
         ("bench.step.threads=[0]", "thread counts >= 1"),
+        ("bench.step.profile=[fast]", "unknown bench.step.profile fast"),
         ("bench.step.baseline=/nonexistent", "is not a zoodip checkout"),
         ("bench.table=other", "bench.table must be"),
     ],

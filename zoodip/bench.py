@@ -362,7 +362,12 @@ def step_table(cfg: DictConfig, out: Path) -> None:
     baseline = Path(st.baseline).expanduser().resolve() if st.baseline else None
     if baseline is not None and not (baseline / "zoodip" / "__init__.py").is_file():
         raise ZoodipError(f"bench.step.baseline={st.baseline!r} is not a zoodip checkout (no zoodip/__init__.py)")
-    jobs = stepbench.plan(list(st.variants), threads, baseline, bool(st.eval), int(st.steps), int(st.warmup))
+    profiled = tuple(st.get("profile") or ())
+    unknown = [v for v in profiled if v not in stepbench.VARIANTS]
+    if unknown:
+        raise ZoodipError(f"unknown bench.step.profile {', '.join(unknown)}; known: {', '.join(stepbench.VARIANTS)}")
+    jobs = stepbench.plan(list(st.variants), threads, baseline, bool(st.eval), int(st.steps), int(st.warmup),
+                          profiled)  # fmt: skip
     rows: list[dict[str, Any]] = []
     for label, spec, checkout in jobs:
         print(f"zoodip-bench: {label}, {spec['threads']} thread(s) ...", file=sys.stderr, flush=True)

@@ -210,7 +210,40 @@ def floor_seconds(products: list[tuple[int, int, int, int]], repeats: int) -> fl
     return statistics.median(times)
 
 
-JOBS = {"step": time_step, "eval": time_eval, "products": step_products}
+def profile_step(spec: dict[str, Any]) -> dict[str, Any]:
+    """Where a step's time goes: torch.profiler's operators by self CPU time over `steps` steps, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from zoodip.train import training_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, s = _setup(spec["preset"], spec["overrides"], Path(tmp))
+        generator = torch.Generator().manual_seed(0)
+        quant = cfg.quantization.weights
+        for step in range(1, spec["warmup"] + 1):
+            training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
+        steps = spec["steps"]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for step in range(spec["warmup"] + 1, spec["warmup"] + steps + 1):
+                training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
+            wall = time.perf_counter() - start
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [
+        {
+            "op": e.key,
+            "ms": e.self_cpu_time_total / 1e3 / steps,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count / steps,
+        }
+        for e in events[: spec.get("top", 12)]
+    ]
+    return {"ops": ops, "ms": wall / steps * 1e3, "ops_per_step": sum(e.count for e in events) / steps}
+
+
+JOBS = {"step": time_step, "eval": time_eval, "products": step_products, "profile": profile_step}
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -249,7 +282,13 @@ def run_job(spec: dict[str, Any], checkout: Path | None, timeout_s: float) -> di
 
 
 def plan(
-    variants: list[str], threads: list[int], baseline: Path | None, evaluate: bool, steps: int, warmup: int
+    variants: list[str],
+    threads: list[int],
+    baseline: Path | None,
+    evaluate: bool,
+    steps: int,
+    warmup: int,
+    profiled: tuple[str, ...] = (),
 ) -> list[tuple[str, dict[str, Any], Path | None]]:
     """(row label, job spec, checkout) for every measurement, thread count by thread count."""
     jobs = []
@@ -268,6 +307,11 @@ def plan(
                 jobs.append(
                     ("baseline eval", {"job": "eval", "threads": k, "preset": "toyworld", "overrides": []}, baseline)
                 )
+    # on one thread: the profiler's own cost is then the same share for every variant
+    for name in profiled:
+        preset, overrides = VARIANTS[name]
+        spec = {"job": "profile", "threads": 1, "steps": min(steps, 20), "warmup": warmup}
+        jobs.append((f"profile {name}", {**spec, "preset": preset, "overrides": overrides}, None))
     return jobs
 
 
@@ -295,7 +339,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for label, r in mine.items():
-            if label in ("floor", "eval", "baseline eval"):
+            if label in ("floor", "eval", "baseline eval") or label.startswith("profile"):
                 continue
             if r.get("status") != "completed":
                 lines.append(f"| {label} | failed: {' '.join(str(r.get('error')).split())[:160]} | | | | | |")
@@ -320,6 +364,18 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
                     f"| {label} | {r['images']} | {r['seconds']:.1f} | {fmt(r['generation_seconds'], '.1f')} "
                     f"| {fmt(be / r['seconds'] if be and label == 'eval' else None, '.2f', 'x')} |"
                 )
+    for r in rows:
+        if not r["label"].startswith("profile") or r.get("status") != "completed":
+            continue
+        lines += [
+            "",
+            f"**Profile: {r['label'].removeprefix('profile ')}** (1 thread, torch.profiler, "
+            f"{r['ms']:.1f} ms per step under the profiler, {r['ops_per_step']:.0f} operator calls per step)",
+            "",
+            "| operator | self ms/step | share | calls/step |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {o['op']} | {o['ms']:.2f} | {100 * o['share']:.1f}% | {o['calls']:.0f} |" for o in r["ops"]]
     return "\n".join(lines) + "\n"
 
 
