@@ -25,11 +25,12 @@ BASE = {"": compose_train(*PLANTED), "method.": compose_train(*PLANTED, "method=
         "estimator.smoothing": compose_train(*PLANTED, "estimator=hizoo"),
         "puts.stratified": compose_train(*PLANTED, "estimator=spsa")}  # fmt: skip
 BASE["estimator.clip"] = BASE["estimator.smoothing"]
+BASE["estimator.unbiased"] = compose_train(*PLANTED, "estimator=guided")
 
 
 def base_for(key: str) -> DictConfig:
-    """The config a knob belongs to: method.* GF-TI's, hizoo's own keys hizoo's, puts.stratified an estimator of
-    +/- pairs (spsa), the rest the default's."""
+    """The config a knob belongs to: method.* GF-TI's, hizoo's and guided's own keys theirs, puts.stratified an
+    estimator of +/- pairs (spsa), the rest the default's."""
     return copy.deepcopy(BASE["method."] if key.startswith("method.") else BASE.get(key, BASE[""]))
 
 

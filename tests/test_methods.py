@@ -346,3 +346,27 @@ def test_cosine_schedule_resumes_bit_identical(tmp_path, monkeypatch):
 def test_bad_schedule_is_one_sentence(overrides, message):
     with pytest.raises(ZoodipError, match=message):
         validate(compose_train(*overrides))
+
+
+def test_prgf_prior_is_the_previous_estimate_and_guided_basis_the_updates():
+    """History-PRGF: after a step the prior is that step's raw estimate (not the update Adam applied), and it is the
+    checkpoint's estimator state; guided keeps the last k unit updates of theta."""
+    target = torch.linspace(-1, 1, 12)
+
+    def loss_fn(thetas, groups=None):
+        return ((thetas - target) ** 2).sum(dim=1)
+
+    for name in ("prgf", "guided"):
+        cfg = compose_train(f"estimator={name}", "estimator.mu=1e-2", *(["estimator.k=2"] if name == "guided" else []))
+        theta = torch.nn.Parameter(torch.zeros(12))
+        method = GradientMethod(cfg, theta)
+        for step in (1, 2, 3):
+            before = theta.detach().clone()
+            result = method.step(loss_fn, step)
+            update = theta.detach() - before
+        if name == "prgf":
+            assert torch.equal(method.prior, result.estimate) and not torch.allclose(method.prior, update)
+            assert [torch.equal(t, result.estimate) for t in method.state_dict()["estimator"]] == [True]
+        else:
+            assert len(method.recent) == 2
+            torch.testing.assert_close(method.recent[-1], update / update.norm())

@@ -53,7 +53,7 @@ class TrainState:
     forward_passes: int
     config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0's #14)
     zoodip_version: str | None = None  # the package version that wrote it
-    estimator: list[torch.Tensor] | None = None  # the estimator state (guided, prgf: recent updates; hizoo: diag H)
+    estimator: list[torch.Tensor] | None = None  # guided: recent updates; prgf: the previous estimate; hizoo: diag H
 
 
 # What a loaded TrainState's fields must be (the rest is checked by the optimizer's and SG's own loaders).

@@ -67,19 +67,26 @@ def spsa(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[in
 
 
 def one_point(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int]) -> Estimate:
-    """One-point residual estimate, Eq. S12: g = 1/n sum_i (L(theta + mu e_{i+1}) - L(theta + mu e_i)) / mu * e_i.
+    """One-point residual-feedback estimate (Zhang et al. 2022, "A new one-point residual-feedback oracle for
+    black-box learning and control", Automatica), the paper's Eq. S12 with the residual multiplied by the newer
+    direction:
 
-    Uses n + 1 directions e_1..e_{n+1} and n + 1 forward passes, none of them at theta itself.
+        g = 1/n sum_i (L(theta + mu e_{i+1}) - L(theta + mu e_i)) / mu * e_{i+1}
+
+    E[g] = grad: L(theta + mu e_i) does not depend on e_{i+1}, so it only adds variance. Eq. S12 as printed
+    multiplies by e_i instead, the direction of the *older* evaluation; then E[g] = -grad (the mean estimate points
+    uphill; the old zoodip did that, and diverged: RESULTS.md §4.2). n + 1 directions e_1..e_{n+1}, n + 1 forward
+    passes, none of them at theta itself.
     """
     dim = theta.numel()
     candidates = torch.stack([theta + mu * direction(s, dim) for s in seeds[: n + 1]])
     losses = loss_fn(candidates).float().cpu()
-    grad = combine((losses[1:] - losses[:-1]) / mu, seeds[:n], dim)
+    grad = combine((losses[1:] - losses[:-1]) / mu, seeds[1 : n + 1], dim)
     return Estimate(grad, float(losses.mean()), losses, n + 1)
 
 
 def antithetic(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int]) -> Estimate:
-    """Antithetic RGE (issue #17): n/2 directions, each evaluated at theta + mu e_i and theta - mu e_i, with L(theta)
+    """Antithetic RGE: n/2 directions, each evaluated at theta + mu e_i and theta - mu e_i, with L(theta)
     shared: g = (2/n) sum_i (L(theta + mu e_i) - L(theta - mu e_i)) / (2 mu) * e_i.
 
     n + 1 forward passes, as RGE's Eq. 3 (n even). The central difference cancels the second-order term that biases
@@ -96,9 +103,10 @@ def antithetic(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: l
 
 
 def guided_directions(seeds: list[int], basis: torch.Tensor, alpha: float) -> torch.Tensor:
-    """e_i ~ N(0, Sigma), Sigma = alpha I + (1 - alpha) (D / k) U U^T, for U (D, k) with orthonormal columns (Guided
-    ES, Maheswaranathan et al. 2019, scaled so that E|e|^2 = D as for RGE's N(0, I)): e = sqrt(alpha) eps_D +
-    sqrt((1 - alpha) D / k) U eps_k, both regenerated from the seed."""
+    """e_i ~ N(0, Sigma), Sigma = alpha I + (1 - alpha) (D / k) U U^T, for U (D, k) with orthonormal columns: Guided
+    ES's covariance (alpha / D) I + ((1 - alpha) / k) U U^T (Maheswaranathan et al. 2019, trace 1) times D, so that
+    E|e|^2 = D as for RGE's N(0, I). e = sqrt(alpha) eps_D + sqrt((1 - alpha) D / k) U eps_k, both regenerated from
+    the seed."""
     dim, k = basis.shape
     out = []
     for s in seeds:
@@ -119,14 +127,27 @@ def guided_inverse(vector: torch.Tensor, basis: torch.Tensor, alpha: float) -> t
 
 
 def guided(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int], basis: torch.Tensor,
-           alpha: float) -> Estimate:  # fmt: skip
-    """Guided subspace sampling (issue #17): RGE's Eq. 3 with directions e_i ~ N(0, Sigma) drawn partly from U, the
-    span of recent gradient estimates, and the result multiplied by Sigma^-1 so that it stays unbiased:
-    E[(grad . e) Sigma^-1 e] = Sigma^-1 Sigma grad = grad. g = Sigma^-1 (1/n) sum_i (L(theta + mu e_i) - L(theta)) / mu
-    * e_i; n + 1 forward passes. Subspace Gradient removes directions (biased); this only samples some more often."""
+           alpha: float, unbiased: bool = False) -> Estimate:  # fmt: skip
+    """Guided evolutionary strategies (Maheswaranathan et al. 2019, arXiv 1806.10230, Algorithm 1): directions
+    e_i ~ N(0, Sigma) drawn partly from U, the span of the last k updates of theta (`guided_directions`), and
+
+        g = 1/n sum_i (L(theta + mu e_i) - L(theta)) / mu * e_i          E[g] = Sigma grad (biased towards U)
+
+    as published: no Sigma^-1 correction, a gradient scaled up inside U. In the paper's terms this is beta = D with
+    its trace-1 Sigma and sigma = mu sqrt(D), the scale at which alpha = 1 is RGE's Eq. 3 exactly. `unbiased`
+    multiplies g by Sigma^-1, so that E[g] = Sigma^-1 Sigma grad = grad (zoodip's earlier variant; it multiplies the
+    noise outside U by 1 / alpha).
+
+    A departure from the published algorithm, kept on purpose: the paper evaluates antithetic pairs
+    L(theta + mu e_i) - L(theta - mu e_i) (2n passes for n directions); this is the forward difference against one
+    shared L(theta), n + 1 passes for n directions, the budget of RGE and of every other candidate at n = 2 (three
+    passes). On a quadratic both have the same mean (E[(e^T H e) e] = 0 for a symmetric e), and at the same budget
+    the forward difference has twice the directions; `estimator=antithetic` is the paired estimate with N(0, I)."""
     dirs = guided_directions(seeds[:n], basis, alpha)
     losses = loss_fn(torch.cat([theta[None], theta + mu * dirs])).float().cpu()
-    grad = guided_inverse(((losses[1:] - losses[0]) / mu) @ dirs / n, basis, alpha)
+    grad = ((losses[1:] - losses[0]) / mu) @ dirs / n
+    if unbiased:
+        grad = guided_inverse(grad, basis, alpha)
     return Estimate(grad, float(losses[0]), losses, n + 1)
 
 
@@ -157,14 +178,17 @@ def hizoo(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[i
 
 
 def prgf(loss_fn: LossFn, theta: torch.Tensor, n: int, mu: float, seeds: list[int], prior: torch.Tensor) -> Estimate:
-    """Prior-guided random gradient-free estimate with a historical prior (History-PRGF; Cheng et al. 2019,
-    convergence in arXiv 2107.10110): the directional derivatives along an orthonormal set u_1 = v (the prior, the
-    last update of theta) and u_2..u_n (Gaussian, orthonormalized against v and each other),
+    """Prior-guided random gradient-free estimate with the historical prior (History-PRGF: Cheng et al. 2019,
+    "Improving black-box adversarial attacks with a transfer-based prior"; Meier et al. 2019; its convergence in
+    Cheng et al. 2021, arXiv 2107.10110): `prior` v is the previous step's gradient estimate, and g is built from the
+    directional derivatives along an orthonormal set u_1 = v / |v| and u_2..u_n (Gaussian, orthonormalized against v
+    and each other),
 
         g = sum_i (L(theta + mu u_i) - L(theta)) / mu * u_i,
 
-    the projection of the gradient onto span(u_1..u_n). Biased (a projection, like SG, but it keeps the trajectory's
-    direction where SG removes directions); with no prior yet, u_1 is random too. n + 1 forward passes."""
+    the projection of the gradient onto span(u_1..u_n): E[g] = (grad . u_1) u_1 + (n - 1) / (D - 1) times the rest of
+    grad. Biased (a projection, like SG, but along the trajectory's own estimate of the gradient where SG removes
+    directions); with no prior yet (the first step) u_1 is random too. n + 1 forward passes."""
     dim = theta.numel()
     columns = [prior / prior.norm()] if prior.numel() and float(prior.norm()) > 0 else []
     columns += [direction(s, dim) for s in seeds[: n - len(columns)]]
@@ -185,6 +209,7 @@ def backprop(loss_fn: LossFn, theta: torch.Tensor) -> Estimate:
     return Estimate(grad.detach().float().cpu(), loss.item(), loss[None], 1)
 
 
-#: The zeroth-order estimators by `estimator` config name (backprop is the first-order one); zoodip/methods.py
-#: turns each into a registry entry.
+#: The stateless zeroth-order estimators by `estimator` config name (guided, hizoo and prgf take their state from
+#: GradientMethod; backprop is the first-order one); zoodip/methods.py turns each into a registry entry, and
+#: tests/test_estimator_properties.py checks every registry entry's mean estimate against theory.
 GRADIENT_ESTIMATORS = {"rge": rge, "spsa": spsa, "one_point": one_point, "antithetic": antithetic}

@@ -4,8 +4,9 @@ all read `METHODS`.
 A method turns `loss_fn` (a batch of candidate tokens (m, D) -> their losses (m,), all at one step's sample) into
 an update of theta, in place. Two kinds:
 
-* `GradientMethod`: Algorithm 1, lines 4-11. A gradient estimate (RGE Eq. 3, SPSA S11, one-point S12, or the
-  exact gradient by backprop: first-order TI), projected by Subspace Gradient (Eq. 8), fed to a torch optimizer;
+* `GradientMethod`: Algorithm 1, lines 4-11. A gradient estimate (RGE Eq. 3, SPSA S11, one-point S12 as
+  residual feedback, the estimators of zoodip/estimators.py beyond the paper, or the exact gradient by backprop:
+  first-order TI), projected by Subspace Gradient (Eq. 8), fed to a torch optimizer;
   the updated token goes into SG's buffer (Algorithm 2).
 * `CMAES`: Gradient-Free Textual Inversion (GF-TI, paper S1.5 and Table 1): CMA-ES from the `cma` package over
   a d_i-dimensional subspace of the token space; theta is the search distribution's mean mapped back.
@@ -24,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from zoodip.errors import ZoodipError
-from zoodip.estimators import GRADIENT_ESTIMATORS, LossFn, backprop, direction_seeds, guided, hizoo, prgf
+from zoodip.estimators import GRADIENT_ESTIMATORS, Estimate, LossFn, backprop, direction_seeds, guided, hizoo, prgf
 from zoodip.subspace import SubspaceGradient
 
 log = logging.getLogger("zoodip.methods")
@@ -70,8 +71,8 @@ def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
 
 
 class GradientMethod:
-    """Algorithm 1, lines 4-11, for one step: g_hat (Eq. 3 / S11 / S12, or backprop), g' = SG(g_hat) (Eq. 8),
-    theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
+    """Algorithm 1, lines 4-11, for one step: g_hat (`estimate`: Eq. 3 / S11 / S12 and the rest, or backprop),
+    g' = SG(g_hat) (Eq. 8), theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
 
     shared_sample = True  # every loss of a step at the same latent, noise, timestep and prompt
     resumable = True  # its state goes into a checkpoint
@@ -86,18 +87,20 @@ class GradientMethod:
         self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
         self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
         est = cfg.estimator
-        # estimator=guided / prgf: the last k updates of theta (guided: their span U; prgf: the prior, k = 1)
+        # estimator=guided: the last k updates of theta, whose span is U
         self.recent: list[torch.Tensor] = []
-        self.k = 1 if self.name == "prgf" else int(est.get("k", 0))
-        self.alpha = float(est.get("alpha", 1.0))
+        self.k = int(est.get("k", 0)) if self.name == "guided" else 0
+        self.alpha, self.unbiased = float(est.get("alpha", 1.0)), bool(est.get("unbiased", False))
+        # estimator=prgf: the previous gradient estimate, the prior of History-PRGF (none before the first step)
+        self.prior: torch.Tensor | None = None
         # estimator=hizoo: the running estimate of diag(H), HiZOO's Sigma^-1 up to scale (1 at the start: Sigma = I)
         self.hessian = torch.ones(theta.numel()) if self.name == "hizoo" else None
         self.smoothing, self.clip = float(est.get("smoothing", 0.0)), float(est.get("clip", 1.0))
 
     def guided_basis(self) -> torch.Tensor:
-        """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR). Updates, not the
-        estimates: a Sigma^-1-corrected estimate has its in-subspace part shrunk by alpha / (alpha + (1 - alpha) D / k),
-        so a span of estimates drifts into noise, while Adam's updates average many steps."""
+        """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR), Guided ES's surrogate
+        gradients. Updates, not the estimates: Adam's updates average many steps, and with `unbiased` an estimate has
+        its in-subspace part shrunk by alpha / (alpha + (1 - alpha) D / k), so a span of estimates drifts into noise."""
         if not self.recent:
             return torch.zeros(self.theta.numel(), 0)
         q, _ = torch.linalg.qr(torch.stack(self.recent, dim=1))
@@ -109,20 +112,25 @@ class GradientMethod:
         removed = self.sg.projector.shape[0] if self.sg is not None else 0
         return 1.0 / math.sqrt((self.theta.numel() - removed + self.n - 1) / self.n)
 
-    def step(self, loss_fn: LossFn, step: int) -> StepResult:
-        theta = self.theta
+    def estimate(self, loss_fn: LossFn, step: int) -> Estimate:
+        """The gradient estimate of `step` at the current theta, from the estimator's state (guided's U, prgf's prior,
+        hizoo's diag(H), which hizoo updates in place); nothing is applied."""
+        theta = self.theta.detach()
         seeds = direction_seeds(self.seed, step, self.n + 1)
         if self.autograd:
-            est = backprop(loss_fn, theta.detach())
-        elif self.name == "guided":
-            est = guided(loss_fn, theta.detach(), self.n, self.mu, seeds, self.guided_basis(), self.alpha)
-        elif self.name == "prgf":
-            prior = self.recent[-1] if self.recent else torch.zeros(0)
-            est = prgf(loss_fn, theta.detach(), self.n, self.mu, seeds, prior)
-        elif self.name == "hizoo":
-            est = hizoo(loss_fn, theta.detach(), self.n, self.mu, seeds, self.hessian, self.smoothing, self.clip)
-        else:
-            est = GRADIENT_ESTIMATORS[self.name](loss_fn, theta.detach(), self.n, self.mu, seeds)
+            return backprop(loss_fn, theta)
+        if self.name == "guided":
+            return guided(loss_fn, theta, self.n, self.mu, seeds, self.guided_basis(), self.alpha, self.unbiased)
+        if self.name == "prgf":
+            prior = self.prior if self.prior is not None else torch.zeros(0)
+            return prgf(loss_fn, theta, self.n, self.mu, seeds, prior)
+        if self.name == "hizoo":
+            return hizoo(loss_fn, theta, self.n, self.mu, seeds, self.hessian, self.smoothing, self.clip)
+        return GRADIENT_ESTIMATORS[self.name](loss_fn, theta, self.n, self.mu, seeds)
+
+    def step(self, loss_fn: LossFn, step: int) -> StepResult:
+        theta = self.theta
+        est = self.estimate(loss_fn, step)
         grad = self.sg.project(est.grad) if self.sg is not None else est.grad
         if self.official_scale:
             grad = grad * self.official_grad_scale()
@@ -136,6 +144,8 @@ class GradientMethod:
             self.optimizer.zero_grad(set_to_none=True)
             if before is not None and float((update := theta.detach() - before).norm()) > 0:
                 self.recent = [*self.recent, update / update.norm()][-self.k :]
+            if self.name == "prgf":  # History-PRGF: this estimate (before SG's projection) is the next step's prior
+                self.prior = est.grad.clone()
         row = {"grad_norm": float(est.grad.norm()), "projected_grad_norm": float(grad.norm()),
                "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
         istar = self.sg.observe(theta, step) if self.sg is not None else None
@@ -145,24 +155,38 @@ class GradientMethod:
             row["hessian_spread"] = float(self.hessian.max() / self.hessian.min())
         return StepResult(est.loss, est.losses, finite, row, est.grad, grad)
 
+    def estimator_state(self) -> list[torch.Tensor]:
+        """The estimator's own state, copied: guided's recent updates, prgf's previous estimate (none before the
+        first step) or hizoo's diag(H) estimate (the checkpoint's `estimator` field)."""
+        if self.hessian is not None:
+            return [self.hessian.clone()]
+        if self.name == "prgf":
+            return [self.prior.clone()] if self.prior is not None else []
+        return [g.clone() for g in self.recent]
+
+    def load_estimator_state(self, own: list[torch.Tensor]) -> None:
+        own = [g.clone() for g in own]
+        if any(g.shape != (self.theta.numel(),) for g in own):
+            raise ZoodipError(f"the checkpoint's estimator state is not of this token's size for estimator={self.name}")
+        if self.hessian is not None:
+            if len(own) != 1:
+                raise ZoodipError("the checkpoint holds no diag(H) estimate of this token's size for estimator=hizoo")
+            self.hessian = own[0]
+        elif self.name == "prgf":
+            self.prior = own[-1] if own else None
+        else:
+            self.recent = own
+
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's and SG's state, and the estimator's own: guided's and prgf's recent updates, or hizoo's
-        diag(H) estimate (one list of tensors: the checkpoint's `estimator` field)."""
-        own = [self.hessian.clone()] if self.hessian is not None else [g.clone() for g in self.recent]
+        """The optimizer's and SG's state, and the estimator's own (`estimator_state`)."""
         return {"optimizer": self.optimizer.state_dict(), "sg": self.sg.state_dict() if self.sg is not None else None,
-                "estimator": own}  # fmt: skip
+                "estimator": self.estimator_state()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sg is not None and state.get("sg") is not None:
             self.sg.load_state_dict(state["sg"])
-        own = [g.clone() for g in state.get("estimator") or []]
-        if self.hessian is not None:
-            if len(own) != 1 or own[0].shape != self.hessian.shape:
-                raise ZoodipError("the checkpoint holds no diag(H) estimate of this token's size for estimator=hizoo")
-            self.hessian = own[0]
-        else:
-            self.recent = own
+        self.load_estimator_state(state.get("estimator") or [])
 
 
 def pca_basis(tables: list[torch.Tensor], num_vectors: int, intrinsic_dim: int) -> torch.Tensor:
@@ -261,16 +285,22 @@ def _n_plus_1(cfg: DictConfig) -> int:
 METHODS: dict[str, MethodSpec] = {
     "rge": MethodSpec(False, _n_plus_1, _gradient, "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"),
     "spsa": MethodSpec(False, lambda c: 2 * int(c.estimator.n), _gradient, "two-sided SPSA (Eq. S11), SG, ZO-Adam"),
-    "one_point": MethodSpec(False, _n_plus_1, _gradient, "one-point (Eq. S12), SG, ZO-Adam"),
+    "one_point": MethodSpec(
+        False, _n_plus_1, _gradient, "one-point residual feedback (Eq. S12, times e_{i+1}: Zhang et al.), SG, ZO-Adam"
+    ),
     "antithetic": MethodSpec(False, _n_plus_1, _gradient, "antithetic RGE (+/- pairs sharing L(theta)), SG, ZO-Adam"),
-    "guided": MethodSpec(False, _n_plus_1, _gradient, "guided subspace sampling (unbiased), SG, ZO-Adam"),
+    "guided": MethodSpec(
+        False, _n_plus_1, _gradient, "Guided ES (N(0, Sigma) along recent updates; mean Sigma grad), SG, ZO-Adam"
+    ),
     "hizoo": MethodSpec(
         False,
         lambda c: 2 * int(c.estimator.n) + 1,
         _gradient,
         "HiZOO-style diagonal-curvature RGE (+/- pairs, diag(H) EMA), SG, ZO-Adam",
     ),
-    "prgf": MethodSpec(False, _n_plus_1, _gradient, "History-PRGF (last update as prior + n-1 random), SG, ZO-Adam"),
+    "prgf": MethodSpec(
+        False, _n_plus_1, _gradient, "History-PRGF (previous estimate as prior + n-1 random), SG, ZO-Adam"
+    ),
     "backprop": MethodSpec(True, lambda c: 1, _gradient, "first-order Textual Inversion (backprop)"),
     "gfti": MethodSpec(False, lambda c: int(c.method.population), CMAES, "GF-TI: CMA-ES in a PCA subspace"),
 }

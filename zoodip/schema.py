@@ -78,6 +78,7 @@ KNOBS: dict[str, Knob] = {
     "puts.stratified": Knob(bool),
     "estimator.smoothing": Knob(float, 0, 1, open_low=True),
     "estimator.clip": Knob(float, 1),
+    "estimator.unbiased": Knob(bool),
     "train.forward_budget": Knob(int, 1, nullable=True),
     "train.keep_tokens_every": Knob(int, 0),
     "train.grad_cosine_every": Knob(int, 0),
