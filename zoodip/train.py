@@ -127,8 +127,6 @@ def validate(cfg: DictConfig) -> None:
             (isinstance(m.intrinsic_dim, int) and m.intrinsic_dim >= 1,
              f"method.intrinsic_dim must be an integer >= 1, got {m.intrinsic_dim!r}"),
             (float(m.sigma) > 0 and float(m.alpha) > 0, "method.sigma and method.alpha must be > 0"),
-            (not cfg.train.checkpoint_every,
-             "method=gfti cannot checkpoint (the cma package's state is only picklable): set train.checkpoint_every=0"),
         ]  # fmt: skip
     if puts.kind == "puts":
         low, high = puts.t_low, puts.t_high
@@ -386,7 +384,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             )
         with torch.no_grad():
             theta.copy_(state.theta)
-        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator})
+        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator,
+                                "cma": state.cma})  # fmt: skip
         generator.set_state(state.generator)
         history, start, nonfinite = state.history, state.step, state.nonfinite
         wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
@@ -402,7 +401,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
             generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
             initial_eval_loss=initial_eval, forward_passes=objective.forward_passes, config=run_config(cfg),
-            zoodip_version=__version__, estimator=method_state.get("estimator") or None,
+            zoodip_version=__version__, estimator=method_state.get("estimator") or None, cma=method_state.get("cma"),
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
@@ -453,8 +452,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
         if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
-            if method.resumable:  # GF-TI's cma state cannot be checkpointed: it keeps its token and history only
-                write_checkpoint(step, elapsed)
+            write_checkpoint(step, elapsed)
             write_history(run_dir, history)
             save_embeddings(run_dir, s.text, theta)
             raise Preempted(preemption.requested(), step)
