@@ -34,8 +34,8 @@ from zoodip.checkpoint import (
 from zoodip.data import (
     TEMPLATES,
     Reference,
-    default_initializer,
     encode_latents,
+    initializer_word,
     load_captions,
     read_caption_files,
     read_reference_images,
@@ -245,7 +245,12 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     quant, data_cfg = cfg.quantization.weights, cfg.data
     if data_cfg.kind == "dreambooth":
         images, names, captions = load_training_data(cfg, run_dir)
-    initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
+    initializer, source = initializer_word(cfg)
+    if source == "model.initializer_token" and data_cfg.kind == "dreambooth":
+        log.warning("data.subject=%s is not a DreamBooth subject and data.initializer_token is not set: the token "
+                    "starts from the model's word %r (model.initializer_token); Textual Inversion and the paper start "
+                    "from one word of the subject's class: data.initializer_token=<word>", data_cfg.subject,
+                    initializer)  # fmt: skip
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
     parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
                             seed=int(cfg.model.seed), others=cfg.quantization.others)  # fmt: skip
@@ -255,7 +260,8 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     components = parts.text_encoders + [parts.unet] + ([parts.vae] if parts.vae is not None else [])
     frac, weight_types = quantized_fraction(components), weights_by_component(parts)
 
-    text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
+    text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors), source,
+                           suggest=[cfg.model.get("initializer_token")])  # fmt: skip
     sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
     theta0 = text.initial_theta(data_cfg.get("init_embedding"), bool(data_cfg.get("allow_pickle", False)))
     if data_cfg.kind == "dreambooth":
