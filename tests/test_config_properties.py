@@ -21,7 +21,7 @@ from zoodip.train import main, run, validate
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PLANTED = ["data=planted", "data.eval_points=2"]
-BASE = {"": compose_train(*PLANTED), "method.": compose_train(*PLANTED, "method=gfti", "train.checkpoint_every=0"),
+BASE = {"": compose_train(*PLANTED), "method.": compose_train(*PLANTED, "method=gfti"),
         "estimator.smoothing": compose_train(*PLANTED, "estimator=hizoo"),
         "puts.stratified": compose_train(*PLANTED, "estimator=spsa")}  # fmt: skip
 BASE["estimator.clip"] = BASE["estimator.smoothing"]

@@ -72,8 +72,22 @@ def test_corrupt_files_are_skipped_when_others_remain(tmp_path, caplog):
 def test_token_errors(tmp_path, subject_dir):
     base = [f"data.path={subject_dir}", "data.subject=dog6"]
     rejects(tmp_path, *base, "data.placeholder_token=dog", match="already in the tokenizer")
-    rejects(tmp_path, *base, "data.initializer_token='stuffed animal'", match="exactly one")
-    rejects(tmp_path, f"data.path={subject_dir}", "data.subject=my_cat", match="initializer_token is not set")
+    rejects(tmp_path, *base, "data.initializer_token='stuffed animal'",
+            match="'stuffed animal' is 2 tokens .* exactly one: try data.initializer_token=dog or ")  # fmt: skip
+
+
+def test_a_multi_token_initializer_is_answered_with_words_of_that_tokenizer(tmp_path):
+    """The toy world's tokenizer splits CLIP's 'dog': the error offers the world's own words, never 'dog'."""
+    with pytest.raises(ZoodipError, match="'dog' is 3 tokens") as err:
+        run(compose_train("model=toyworld", "data=planted", "data.initializer_token=dog"), tmp_path / "run")
+    offered = str(err.value).split("try ", 1)[1]
+    assert "data.initializer_token=object" in offered and "dog" not in offered  # the model's own word first
+
+
+def test_a_folder_that_is_no_dreambooth_subject_starts_from_the_models_word(tmp_path, subject_dir, caplog):
+    metrics = run(compose_train(f"data.path={subject_dir}", "data.subject=my_cat", "train.steps=1"), tmp_path / "run")
+    assert metrics["status"] == "completed" and metrics["initializer_token"] == "dog"
+    assert "the token starts from the model's word 'dog' (model.initializer_token)" in caplog.text
 
 
 def test_missing_weights_offline(tmp_path, monkeypatch):

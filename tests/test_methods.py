@@ -56,9 +56,43 @@ def test_gfti_runs_forward_only_on_the_quantized_model(tmp_path):
     assert history.token_norm.iloc[-1] != pytest.approx(history.token_norm.iloc[0], rel=1e-6)
 
 
-def test_gfti_refuses_checkpoints_in_one_sentence():
-    with pytest.raises(ZoodipError, match="checkpoint_every=0"):
-        validate(compose_train("method=gfti"))
+def test_gfti_preempted_then_resumed_equals_a_straight_run(tmp_path, monkeypatch):
+    """GF-TI checkpoints CMA-ES's whole state (tensors and JSON, no pickle) with the defaults: SIGTERM inside step 3
+    of 6, then the same command (train.resume=auto) ends bit-identical to an uninterrupted run, CMA-ES's own
+    state included; and a checkpoint every 2 steps needs no override."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from zoodip.checkpoint import load_checkpoint
+    from zoodip.preemption import Preempted
+
+    common = ["data=planted", "data.eval_points=2", "method=gfti", "method.population=6", "method.intrinsic_dim=16",
+              "train.steps=6", "eval.enabled=false"]  # fmt: skip
+    assert validate(compose_train(*common)) is None  # the default train.checkpoint_every is allowed
+    straight = run(compose_train(*common), tmp_path / "straight")
+    real, calls = CMAES.step, []
+
+    def step_then_sigterm(self, loss_fn, step):
+        calls.append(step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, loss_fn, step)
+
+    monkeypatch.setattr(CMAES, "step", step_then_sigterm)
+    with pytest.raises(Preempted):
+        run(compose_train(*common, "train.checkpoint_every=2"), tmp_path / "resumed")
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.json")
+    assert calls == [1, 2, 3] and state.step == 3 and state.cma["es"]["attrs"]["countiter"] == 3
+    record = (tmp_path / "resumed" / "checkpoints" / "last.json").read_text()
+    assert '"C"' in record and '"pc"' in record and '"rng"' in record
+    resumed = run(compose_train(*common, "train.checkpoint_every=2"), tmp_path / "resumed")
+    assert resumed["status"] == "completed" and resumed["resumed_from_step"] == 3
+    assert resumed["final_loss"] == straight["final_loss"]
+    a, b = (load_file(tmp_path / d / "learned_embeds.safetensors") for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pca_basis_spans_the_tables_main_directions():

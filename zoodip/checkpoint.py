@@ -54,13 +54,14 @@ class TrainState:
     config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0's #14)
     zoodip_version: str | None = None  # the package version that wrote it
     estimator: list[torch.Tensor] | None = None  # guided: recent updates; prgf: the previous estimate; hizoo: diag H
+    cma: dict[str, Any] | None = None  # method=gfti: CMA-ES's state and RNG (zoodip/cmastate.py); no optimizer, no SG
 
 
 # What a loaded TrainState's fields must be (the rest is checked by the optimizer's and SG's own loaders).
 _TYPES = {"step": int, "theta": torch.Tensor, "optimizer": dict, "sg": dict | None, "generator": torch.Tensor,
           "history": list, "nonfinite": int, "wall_seconds": int | float, "initial_eval_loss": int | float | None,
-          "forward_passes": int, "config": dict | None, "zoodip_version": str | None}  # fmt: skip
-_OPTIONAL = {"config": None, "zoodip_version": None, "estimator": None}  # fields older records lack
+          "forward_passes": int, "config": dict | None, "zoodip_version": str | None, "cma": dict | None}  # fmt: skip
+_OPTIONAL = {"config": None, "zoodip_version": None, "estimator": None, "cma": None}  # fields older records lack
 
 
 def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:

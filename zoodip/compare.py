@@ -40,7 +40,7 @@ from scipy import stats
 
 from zoodip import toyworld
 from zoodip.cli import hydra_app, multirun_dir_main
-from zoodip.data import default_initializer, encode_latents, load_captions, read_reference_images
+from zoodip.data import encode_latents, initializer_word, load_captions, read_reference_images
 from zoodip.errors import ZoodipError
 from zoodip.evaluate import Validator
 from zoodip.io import atomic_write, atomic_write_text
@@ -92,7 +92,7 @@ class SubjectProbe:
         self.quant = cfg.quantization.weights
         self.parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, torch.float32, self.device,
                                      self.quant, seed=int(cfg.model.seed), others=cfg.quantization.others)  # fmt: skip
-        initializer = d.initializer_token or default_initializer(d.subject)  # as zoodip-train chose it
+        initializer, _ = initializer_word(cfg)  # as zoodip-train chose it
         self.text = TextConditioner(self.parts, d.placeholder_token, initializer, int(d.num_vectors))
         refs = read_reference_images(d.path, int(d.resolution))
         captions = load_captions(d.captions, d.subject, refs.names, refs.entries)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoodip.errors import ZoodipError
@@ -61,14 +62,23 @@ def subject_table() -> dict[str, dict[str, str]]:
         return {row["subject"]: row for row in csv.DictReader(f)}
 
 
-def default_initializer(subject: str | None) -> str:
-    table = subject_table()
-    if subject not in table:
-        raise ZoodipError(
-            f"data.initializer_token is not set and data.subject={subject!r} is not a DreamBooth subject; "
-            "set data.initializer_token to one word describing the subject (e.g. dog)"
-        )
-    return table[subject]["initializer"]
+def initializer_word(cfg: DictConfig) -> tuple[str, str]:
+    """The word whose embedding starts the token, and which key chose it: data.initializer_token, else the
+    DreamBooth table's word for data.subject, else the model's own (model.initializer_token: one token of its
+    tokenizer, e.g. the toy world's "object"). A run config without any of them (an older zoodip's) is a ZoodipError.
+    """
+    data, model = cfg.data, cfg.model
+    if data.get("initializer_token"):
+        return str(data.initializer_token), "data.initializer_token"
+    row = subject_table().get(data.get("subject"))
+    if row is not None:
+        return row["initializer"], f"data.subject={data.subject}'s initializer (the DreamBooth table)"
+    if model.get("initializer_token"):
+        return str(model.initializer_token), "model.initializer_token"
+    raise ZoodipError(
+        f"data.initializer_token is not set and data.subject={data.get('subject')!r} is not a DreamBooth subject; "
+        "set data.initializer_token to one word describing the subject (e.g. dog)"
+    )
 
 
 def center_square(image: Image.Image, resolution: int) -> Image.Image:

@@ -180,10 +180,12 @@ class PromptSet:
 
 def prompt_set(cfg: DictConfig) -> PromptSet:
     """Living or object table from the subject table (Table S1), or eval.living; the class noun from the table,
-    else eval.class_noun, else data.initializer_token. Planted runs default to the object table."""
+    else eval.class_noun, else the run's initializer word (data.initializer_token, else model.initializer_token).
+    Planted runs default to the object table."""
     ev, data = cfg.eval, cfg.data
     row = subject_table().get(data.subject)
     noun = ev.get("class_noun") or (row["class"] if row else None) or data.initializer_token
+    noun = noun or (cfg.model.get("initializer_token") if "model" in cfg else None)
     living = ev.living if ev.living is not None else (row["living"].lower() == "true" if row else None)
     if living is None and data.kind == "planted":
         living = False

@@ -14,9 +14,10 @@ an update of theta, in place. Two kinds:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from zoodip import cmastate
 from zoodip.errors import ZoodipError
 from zoodip.estimators import GRADIENT_ESTIMATORS, Estimate, LossFn, backprop, direction_seeds, guided, hizoo, prgf
 from zoodip.subspace import SubspaceGradient
@@ -75,7 +77,6 @@ class GradientMethod:
     g' = SG(g_hat) (Eq. 8), theta <- optimizer(theta, g'), then theta into SG's buffer (lines 8-11, Algorithm 2)."""
 
     shared_sample = True  # every loss of a step at the same latent, noise, timestep and prompt
-    resumable = True  # its state goes into a checkpoint
 
     def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter) -> None:
         self.name, self.theta = cfg.estimator.name, theta
@@ -222,7 +223,6 @@ class CMAES:
     """
 
     autograd = False
-    resumable = False  # the cma package's state is only picklable, and checkpoints never hold pickle
 
     def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
         import cma
@@ -236,18 +236,35 @@ class CMAES:
         self.scale = gfti_scale(tables, int(m.intrinsic_dim), float(m.alpha), float(m.sigma))
         never = {"maxiter": float("inf"), "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": 10**9}
         options = {"popsize": int(m.population), "seed": int(cfg.train.seed) + 1, "verbose": -9, **never}
+        # cma samples from numpy's global RNG, which it seeds: that stream is kept here, swapped in for cma only
+        # (`own_rng`), so that a checkpoint holds it and nothing else in the process draws from it.
+        outside = cmastate.numpy_rng_state()
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.basis.shape[0]), float(m.sigma), options)
+        self.rng_state = cmastate.numpy_rng_state()
+        np.random.set_state(outside)
+
+    @contextlib.contextmanager
+    def own_rng(self) -> Iterator[None]:
+        outside = cmastate.numpy_rng_state()
+        np.random.set_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = cmastate.numpy_rng_state()
+            np.random.set_state(outside)
 
     def token(self, z: np.ndarray | torch.Tensor) -> torch.Tensor:
         """theta_0 + scale * z B for one z (d_i,) or a batch (m, d_i)."""
         return self.theta0 + self.scale * torch.as_tensor(np.asarray(z), dtype=torch.float32) @ self.basis
 
     def step(self, loss_fn: LossFn, step: int) -> StepResult:
-        candidates = self.es.ask()
+        with self.own_rng():
+            candidates = self.es.ask()
         losses = loss_fn(self.token(np.stack(candidates))).float().cpu()
         finite = bool(torch.isfinite(losses).all())
         fitness = torch.nan_to_num(losses, nan=float("inf")).tolist()
-        self.es.tell(candidates, fitness)  # non-finite losses rank last
+        with self.own_rng():
+            self.es.tell(candidates, fitness)  # non-finite losses rank last
         with torch.no_grad():
             self.theta.copy_(self.token(self.es.mean))
         row = {"population_loss_min": float(losses.min()), "population_loss_std": float(losses.std()),
@@ -255,13 +272,16 @@ class CMAES:
         return StepResult(float(losses.mean()), losses, finite, row)
 
     def state_dict(self) -> dict[str, Any]:
-        raise ZoodipError(
-            "method=gfti cannot write a resumable checkpoint: the cma package's state is only picklable, and zoodip "
-            "checkpoints never hold pickle; set train.checkpoint_every=0"
-        )
+        """CMA-ES's whole state as tensors and JSON (`zoodip.cmastate`: mean, sigma, C and its eigendecomposition,
+        evolution paths, counters, fitness history, the numpy RNG state): the checkpoint's `cma` field. There is
+        no torch optimizer and no SG."""
+        return {"optimizer": {"state": {}, "param_groups": []}, "sg": None, "estimator": None,
+                "cma": cmastate.snapshot(self.es, self.rng_state)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state_dict()
+        if state.get("cma") is None:
+            raise ZoodipError("the checkpoint holds no CMA-ES state for method=gfti; start over with train.resume=null")
+        self.rng_state = cmastate.restore(self.es, state["cma"])
 
 
 @dataclass(frozen=True)

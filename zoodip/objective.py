@@ -8,6 +8,7 @@ id appears, one theta per batch element, so several perturbed tokens run in one 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,34 @@ def _embeddings_module(encoder: torch.nn.Module) -> torch.nn.Module:
     raise ZoodipError(f"{type(encoder).__name__} has no CLIP token embedding to attach the placeholder to")
 
 
+#: Words offered when an initializer is not one token, each only where it is one (CLIP's, the toy world's).
+COMMON_WORDS = ("dog", "toy", "object", "thing", "shape", "cat", "person")
+
+
+def single_token_words(tokenizers: Sequence, candidates: Sequence[str | None], exclude: str = "",
+                       limit: int = 3) -> list[str]:  # fmt: skip
+    """Up to `limit` of `candidates` (in order, no repeats, not `exclude`) that are one token of every tokenizer;
+    where too few are, whole words of the first tokenizer's vocabulary fill in."""
+
+    def one_token(word: str) -> bool:
+        return all(len(t(word, add_special_tokens=False).input_ids) == 1 for t in tokenizers)
+
+    words: list[str] = []
+    for word in candidates:
+        if word and word != exclude and word not in words and one_token(word):
+            words.append(word)
+    if len(words) < limit and tokenizers:
+        vocab = sorted(tokenizers[0].get_vocab().items(), key=lambda item: item[1])
+        for token, _ in vocab:
+            word = token.removesuffix("</w>")
+            if len(words) >= limit:
+                break
+            if token.endswith("</w>") and len(word) >= 4 and word.isalpha() and word.isascii() and word != exclude \
+                    and word not in words and one_token(word):  # fmt: skip
+                words.append(word)
+    return words[:limit]
+
+
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     """diffusers' multi-vector naming: <p>, <p>_1, ..., as load_textual_inversion expands a (k, d) tensor."""
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
@@ -70,7 +99,10 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
 class TextConditioner:
     """Adds the placeholder token(s) to every tokenizer and turns (prompt, theta batch) into UNet conditioning."""
 
-    def __init__(self, parts: Components, placeholder: str, initializer: str, num_vectors: int) -> None:
+    def __init__(self, parts: Components, placeholder: str, initializer: str, num_vectors: int,
+                 source: str = "data.initializer_token", suggest: Sequence[str | None] = ()) -> None:  # fmt: skip
+        """`source`: the key that chose `initializer`, for the error when it is not one token; `suggest`: words to
+        offer first there (e.g. the model's own initializer), each only if it is one token of every tokenizer."""
         if num_vectors < 1:
             raise ZoodipError(f"data.num_vectors must be at least 1, got {num_vectors}")
         self.parts = parts
@@ -80,9 +112,11 @@ class TextConditioner:
         for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
             init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
             if len(init_ids) != 1:
+                words = single_token_words(parts.tokenizers, [*suggest, *COMMON_WORDS], exclude=initializer)
+                offer = " or ".join(f"data.initializer_token={w}" for w in words) or "another word"
                 raise ZoodipError(
-                    f"data.initializer_token={initializer!r} is {len(init_ids)} tokens for the CLIP tokenizer; "
-                    "it must be exactly one (try a single common word such as 'dog' or 'toy')"
+                    f"{source}={initializer!r} is {len(init_ids)} tokens for this model's tokenizer; the initializer "
+                    f"must be exactly one: try {offer}"
                 )
             known = tokenizer(placeholder, add_special_tokens=False).input_ids
             if len(known) == 1 or tokenizer.add_tokens(self.tokens) != num_vectors:

@@ -34,8 +34,8 @@ from zoodip.checkpoint import (
 from zoodip.data import (
     TEMPLATES,
     Reference,
-    default_initializer,
     encode_latents,
+    initializer_word,
     load_captions,
     read_caption_files,
     read_reference_images,
@@ -127,8 +127,6 @@ def validate(cfg: DictConfig) -> None:
             (isinstance(m.intrinsic_dim, int) and m.intrinsic_dim >= 1,
              f"method.intrinsic_dim must be an integer >= 1, got {m.intrinsic_dim!r}"),
             (float(m.sigma) > 0 and float(m.alpha) > 0, "method.sigma and method.alpha must be > 0"),
-            (not cfg.train.checkpoint_every,
-             "method=gfti cannot checkpoint (the cma package's state is only picklable): set train.checkpoint_every=0"),
         ]  # fmt: skip
     if puts.kind == "puts":
         low, high = puts.t_low, puts.t_high
@@ -247,7 +245,12 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     quant, data_cfg = cfg.quantization.weights, cfg.data
     if data_cfg.kind == "dreambooth":
         images, names, captions = load_training_data(cfg, run_dir)
-    initializer = data_cfg.initializer_token or default_initializer(data_cfg.subject)
+    initializer, source = initializer_word(cfg)
+    if source == "model.initializer_token" and data_cfg.kind == "dreambooth":
+        log.warning("data.subject=%s is not a DreamBooth subject and data.initializer_token is not set: the token "
+                    "starts from the model's word %r (model.initializer_token); Textual Inversion and the paper start "
+                    "from one word of the subject's class: data.initializer_token=<word>", data_cfg.subject,
+                    initializer)  # fmt: skip
     log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
     parts = load_components(cfg.model.arch, cfg.model.init, cfg.model.path, dtype, device, quant,
                             seed=int(cfg.model.seed), others=cfg.quantization.others,
@@ -258,7 +261,8 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     components = parts.text_encoders + [parts.unet] + ([parts.vae] if parts.vae is not None else [])
     frac, weight_types = quantized_fraction(components), weights_by_component(parts)
 
-    text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
+    text = TextConditioner(parts, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors), source,
+                           suggest=[cfg.model.get("initializer_token")])  # fmt: skip
     sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
     theta0 = text.initial_theta(data_cfg.get("init_embedding"), bool(data_cfg.get("allow_pickle", False)))
     if data_cfg.kind == "dreambooth":
@@ -387,7 +391,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             )
         with torch.no_grad():
             theta.copy_(state.theta)
-        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator})
+        method.load_state_dict({"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator,
+                                "cma": state.cma})  # fmt: skip
         generator.set_state(state.generator)
         history, start, nonfinite = state.history, state.step, state.nonfinite
         wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
@@ -403,7 +408,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             step=step, theta=theta.detach(), optimizer=method_state["optimizer"], sg=method_state["sg"],
             generator=generator.get_state(), history=history, nonfinite=nonfinite, wall_seconds=wall,
             initial_eval_loss=initial_eval, forward_passes=objective.forward_passes, config=run_config(cfg),
-            zoodip_version=__version__, estimator=method_state.get("estimator") or None,
+            zoodip_version=__version__, estimator=method_state.get("estimator") or None, cma=method_state.get("cma"),
         )  # fmt: skip
         save_checkpoint(run_dir / "checkpoints", state)
 
@@ -454,8 +459,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
         if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
-            if method.resumable:  # GF-TI's cma state cannot be checkpointed: it keeps its token and history only
-                write_checkpoint(step, elapsed)
+            write_checkpoint(step, elapsed)
             write_history(run_dir, history)
             save_embeddings(run_dir, s.text, theta)
             raise Preempted(preemption.requested(), step)
