@@ -65,8 +65,8 @@ def test_the_step_table_end_to_end_against_a_baseline_checkout(tmp_path):
     its own code."""
     from zoodip import ROOT
 
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", "bench.step.threads=[1]", "bench.step.steps=2",
-           "bench.step.warmup=1", "bench.step.eval=false", "bench.step.variants=[zoodip]", "bench.step.profile=[zoodip]",
+    settings = ["threads=[1]", "steps=2", "warmup=1", "eval=false", "variants=[zoodip]", "profile=[zoodip]"]
+    cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", *[f"bench.step.{s}" for s in settings],
            f"bench.step.baseline={ROOT}", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,8 +37,10 @@ def toyworld_parts():
     return load_components("toyworld", "pretrained", str(SHIPPED), torch.float32, torch.device("cpu"), "int8")
 
 
-@pytest.mark.parametrize("model, word, prompt", [("parts", "dog", "a photo of a {}"),
-                                                 ("toyworld_parts", "star", "a photo of {} on a red background")])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, word, prompt",
+    [("parts", "dog", "a photo of a {}"), ("toyworld_parts", "star", "a photo of {} on a red background")],
+)
 def test_batched_equals_sequential_and_theta_is_untouched(model, word, prompt, request):
     """The batched forward (the default) gives the sequential losses to 1e-5 relative, on the tiny model and on the
     toy world with its INT8 weights."""
