@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from zoodip.report import build_report, grid_table, load_runs, main, paired_difference
+from zoodip.report import build_report, grid_table, load_runs, main, paired_difference, paired_summary
 
 
 def make_job(root: Path, name: str, overrides: dict, train: dict | None = None, evals: dict | None = None) -> Path:
@@ -331,6 +331,16 @@ def test_preempted_and_interrupted_jobs_are_counted_and_labelled(tmp_path: Path)
     assert "1 completed, 0 failed, 1 preempted, 1 interrupted, 0 missing" in md
     rows = {r[0]: r for r in section(md, "final_loss (mean ± sd")[1:]}
     assert rows["spsa"][1] == "preempted" and rows["one_point"][1] == "interrupted"
+
+
+def test_paired_summary_by_hand():
+    """Differences 1, 2, 3, 4: se = 1.291 / 2 = 0.6455; t_0.975(3) = 3.1824, so the 95% interval is 2.5 +/- 2.054;
+    t_0.8(3) = 0.9785, so the detectable effect at 80% power is (3.1824 + 0.9785) * 0.6455 = 2.686."""
+    out = paired_summary([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert out["pairs"] == 4 and out["mean_difference"] == 2.5
+    assert out["ci_low"] == pytest.approx(2.5 - 2.054, abs=1e-3) and out["ci_high"] == pytest.approx(4.554, abs=1e-3)
+    assert out["detectable_effect"] == pytest.approx(2.686, abs=1e-3)
+    assert math.isnan(paired_summary([0.9], [0.4])["ci_low"])
 
 
 def test_paired_difference_by_hand():
