@@ -19,7 +19,8 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
 #: Hydra apps and their primary config.
 HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
               "zoodip-eval": "train", "zoodip-compare": "compare",
-              "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard"}  # fmt: skip
+              "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard",
+              "zoodip-study": "study"}  # fmt: skip
 COMMANDS = set(HYDRA_APPS)
 
 
