@@ -69,3 +69,9 @@ def test_runs_land_under_outputs_from_any_directory(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith(str(ROOT / "outputs"))
+
+
+@pytest.mark.parametrize("name", _options(ROOT / "hparams_search"))
+def test_every_hparams_search_composes(name):
+    cfg = compose_raw(f"hparams_search={name}")
+    assert cfg.optimized_metric and cfg.tuning_subjects and cfg.train.steps >= 1

@@ -19,7 +19,8 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
 #: Hydra apps and their primary config.
 HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
               "zoodip-eval": "train", "zoodip-compare": "compare",
-              "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard"}  # fmt: skip
+              "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard",
+              "zoodip-study": "study"}  # fmt: skip
 COMMANDS = set(HYDRA_APPS)
 
 
@@ -46,13 +47,20 @@ def single_runs(overrides: list[str]) -> list[list[str]]:
     """A multirun's override lists: the first value of every swept key, then each other value of each in turn."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = {o.get_key_element(): [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-             for o in parsed if o.is_sweep_override()}  # fmt: skip
+    swept = {o.get_key_element(): sweep_values(o) for o in parsed if o.is_sweep_override()}
     first = [values[0] for values in swept.values()]
     runs = [fixed + first]
     for i, values in enumerate(swept.values()):
         runs += [fixed + first[:i] + [v] + first[i + 1 :] for v in values[1:]]
     return runs
+
+
+def sweep_values(override) -> list[str]:
+    """A swept key's values: a grid's each, an Optuna interval's two ends (hparams_search/)."""
+    key = override.get_key_element()
+    if override.is_interval_sweep():
+        return [f"{key}={override.value().start}", f"{key}={override.value().end}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
 
 
 def compose_hydra(config: str, overrides: list[str]) -> None:

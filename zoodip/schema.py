@@ -117,7 +117,7 @@ def known_keys() -> dict[str, frozenset[str]]:
     known: dict[str, set[str]] = {"": {*GROUPS, "train"}, "train": set()}
     files = [(p, g) for g in GROUPS for p in (CONF_DIR / g).glob("*.yaml")]
     files += [(p, "eval") for p in (ROOT / "eval").glob("*.yaml")] + [(CONF_DIR / "train.yaml", "_global_")]
-    files += [(p, "_global_") for p in (ROOT / "experiments").glob("*.yaml")]
+    files += [(p, "_global_") for d in ("experiments", "hparams_search") for p in (ROOT / d).glob("*.yaml")]
     for path, group in files:
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         package = _package(path, group)
@@ -125,6 +125,8 @@ def known_keys() -> dict[str, frozenset[str]]:
         for name, sub in items:
             if isinstance(sub, dict) and name not in ("defaults", "hydra"):
                 known.setdefault(name, set()).update(k for k in sub if k != "defaults")
+            elif path == CONF_DIR / "train.yaml" and name not in ("defaults", "hydra"):
+                known[""].add(name)  # a top-level knob of the primary config (optimized_metric, tuning_subjects)
     return {k: frozenset(v) for k, v in known.items()}
 
 

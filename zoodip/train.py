@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -603,6 +605,70 @@ def number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """optimized_metric and tuning_subjects: what a job returns to a sweeper (hparams_search/)."""
+    metric = cfg.get("optimized_metric")
+    if metric is not None and (not isinstance(metric, str) or not metric.strip("/.")):
+        raise ZoodipError(f"optimized_metric must be a metrics.json key (eval/subject_accuracy) or null: {metric!r}")
+    if isinstance(metric, str) and metric.startswith(("eval/", "eval.")) and not cfg.eval.enabled:
+        raise ZoodipError(
+            f"optimized_metric={metric} is an evaluation score but eval.enabled=false: turn the evaluation on, or "
+            f"optimize a training metric (final_loss; planted_cosine or loss_ratio with data=planted)"
+        )
+    subjects = cfg.get("tuning_subjects")
+    if subjects is not None and (
+        not isinstance(subjects, ListConfig)
+        or not subjects
+        or not all(isinstance(x, str) and x for x in subjects)
+        or len(set(subjects)) != len(subjects)
+    ):
+        shown = OmegaConf.to_container(subjects) if isinstance(subjects, ListConfig) else subjects
+        raise ZoodipError(f"tuning_subjects must be a list of distinct data.subject names or null, got {shown!r}")
+
+
+def objective_value(metrics: dict[str, Any], metric: str | None) -> float | None:
+    """The number a job returns to a sweeper: metrics.json's `metric` (eval/subject_accuracy reads its "eval" entry),
+    final_loss when `metric` is null. None when the run did not produce a finite one (it failed, or it has no such
+    metric): Optuna records a failed trial and the study carries on."""
+    if metric is None:
+        return metrics.get("final_loss")
+    if metrics.get("status") != "completed":
+        return None
+    node: Any = metrics
+    for part in re.split(r"[/.]", metric.strip("/.")):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, bool) or not isinstance(node, int | float) or not math.isfinite(node):
+        log.warning("optimized_metric=%s: the run has no finite value for it (%r); the job returns none", metric, node)
+        return None
+    return float(node)
+
+
+def run_job(cfg: DictConfig, output_dir: Path, multirun: bool, name: str | None) -> float | None:
+    """One Hydra job: a run in `output_dir`, or with tuning_subjects one run per subject in <output_dir>/<subject>
+    (each a complete run folder: resumable, zoodip-eval can score it). Returns the objective (optimized_metric), for
+    several subjects their mean, written with each subject's value to <output_dir>/objective.json."""
+    check_objective(cfg)
+    metric = cfg.get("optimized_metric")
+    subjects = cfg.get("tuning_subjects")
+    if not subjects:
+        return objective_value(run(cfg, output_dir, multirun=multirun, run_name=name), metric)
+    values: dict[str, float | None] = {}
+    for subject in subjects:
+        sub = copy.deepcopy(cfg)
+        sub.data.subject = subject
+        run_dir = output_dir / subject
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / ".hydra" / "config.yaml", lambda tmp, sub=sub: OmegaConf.save(sub, tmp))
+        metrics = run(sub, run_dir, multirun=multirun, run_name=f"{name}-{subject}" if name else subject)
+        values[subject] = objective_value(metrics, metric if metric is not None else "final_loss")
+        if values[subject] is None:  # the mean is undefined: spend no more time on this job
+            break
+    mean = None if None in values.values() else sum(values.values()) / len(values)  # type: ignore[arg-type]
+    record = {"optimized_metric": metric or "final_loss", "value": mean, "by_subject": values}
+    write_json(output_dir / "objective.json", record)
+    return mean
+
+
 _TASK_STARTED = False
 
 
@@ -614,7 +680,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         name = (hc.job.override_dirname or f"job{hc.job.num}") if multirun else None
-        metrics = run(cfg, Path(hc.runtime.output_dir), multirun=multirun, run_name=name)
+        value = run_job(cfg, Path(hc.runtime.output_dir), multirun, name)
     except ZoodipError as err:
         if multirun:
             log.error("job rejected: %s", err)
@@ -629,7 +695,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except Exception as err:
         print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    return metrics.get("final_loss")
+    return value
 
 
 def main() -> None:

@@ -1,0 +1,126 @@
+"""zoodip-study: jobs not yet recorded run, each leaves a row and a token; reruns run only what is missing."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import yaml
+
+from zoodip import study
+
+TINY = [
+    "model=tiny",
+    "data=planted",
+    "train.steps=2",
+    "data.eval_points=2",
+    "sg.tau=4",
+    "logger=none",
+    "train.progress=false",
+    "eval.enabled=false",
+    "train.checkpoint_every=0",
+]
+
+
+def write_spec(path, arms, seeds=(0, 1)):
+    spec = {"name": "tiny_study", "overrides": TINY, "arms": arms, "subjects": ["planted"], "seeds": list(seeds)}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def zoodip_study(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["zoodip-study", *args])
+    try:
+        study.main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def rows(results):
+    with (results / "runs.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_study_runs_what_is_missing_and_nothing_else(tmp_path, monkeypatch, capfd):
+    spec = write_spec(tmp_path / "spec.yaml", {"rge": ["estimator=rge"], "spsa": ["estimator=spsa"]})
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = [f"spec={spec}", f"study.results_dir={results}", f"study.work_dir={work}"]
+
+    assert zoodip_study(monkeypatch, *args, "study.dry_run=true") == 0
+    listed = capfd.readouterr().out
+    assert "0 of 4 jobs recorded" in listed and "rge__planted__s1: zoodip-train" in listed and not results.exists()
+
+    assert zoodip_study(monkeypatch, *args) == 0
+    first = rows(results)
+    assert [(r["arm"], r["subject"], r["seed"]) for r in first] == [
+        ("rge", "planted", "0"),
+        ("rge", "planted", "1"),
+        ("spsa", "planted", "0"),
+        ("spsa", "planted", "1"),
+    ]
+    assert list(first[0]) == study.COLUMNS
+    for row in first:
+        assert row["steps"] == "2" and int(row["forward_passes"]) > 0 and float(row["final_loss"]) > 0
+        assert row["subject_accuracy"] == "" and row["zoodip_version"] and "estimator=" in row["overrides"]
+        assert (results / "tokens" / f"{row['arm']}__planted__s{row['seed']}.safetensors").stat().st_size > 0
+    assert yaml.safe_load((results / "study.yaml").read_text())["arms"]["rge"] == ["estimator=rge"]
+    capfd.readouterr()
+
+    text = (results / "runs.csv").read_text()
+    assert zoodip_study(monkeypatch, *args) == 0  # a second invocation runs nothing
+    out = capfd.readouterr().out
+    assert "4 of 4 jobs recorded" in out and "training in" not in out
+    assert (results / "runs.csv").read_text() == text
+
+    # a fresh machine (an empty work dir) with one row deleted: exactly that job runs again
+    kept = [r for r in first if (r["arm"], r["seed"]) != ("spsa", "0")]
+    study.write_rows(results / "runs.csv", kept)
+    fresh = tmp_path / "fresh"
+    assert zoodip_study(monkeypatch, f"spec={spec}", f"study.results_dir={results}", f"study.work_dir={fresh}") == 0
+    assert sorted(p.name for p in fresh.iterdir()) == ["spsa__planted__s0"]
+    again = rows(results)
+    assert again[:3] == kept and (again[3]["arm"], again[3]["seed"]) == ("spsa", "0")
+
+    # an arm whose overrides changed after it was recorded is refused, naming the job
+    write_spec(spec, {"rge": ["estimator=rge", "sg.tau=8"], "spsa": ["estimator=spsa"]})
+    assert zoodip_study(monkeypatch, *args) == 2
+    assert "rge/planted/0" in capfd.readouterr().err
+
+
+def test_a_failed_job_is_not_recorded_and_the_others_are(tmp_path, monkeypatch, capfd):
+    arms = {"bad": ["puts.t_low=600", "puts.t_high=550"], "good": []}
+    spec = write_spec(tmp_path / "spec.yaml", arms, seeds=[0])
+    results = tmp_path / "results"
+    args = [f"spec={spec}", f"study.results_dir={results}", f"study.work_dir={tmp_path / 'work'}"]
+    assert zoodip_study(monkeypatch, *args) == 1
+    assert [r["arm"] for r in rows(results)] == ["good"]
+    assert "bad__planted__s0 did not complete" in capfd.readouterr().err
+    assert zoodip_study(monkeypatch, *args, "study.dry_run=true") == 0
+    assert "1 of 2 jobs recorded" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"arms": {"a": []}, "subjects": []}, "subjects"),
+        ({"arms": {}, "subjects": ["x"]}, "arms"),
+        ({"arms": {"a": ["data.subject=x"]}, "subjects": ["x"]}, "data.subject"),
+        ({"arms": {"a__b": []}, "subjects": ["x"]}, "plain name"),
+        ({"arms": {"a": []}, "subjects": ["x"], "seeds": ["0"]}, "seeds"),
+        ({"arms": {"a": []}, "subjects": ["x"], "typo": 1}, "typo"),
+    ],
+)
+def test_a_bad_spec_is_one_sentence(tmp_path, monkeypatch, capfd, spec, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert zoodip_study(monkeypatch, f"spec={path}", f"study.results_dir={tmp_path / 'r'}") == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_the_shipped_studies_load():
+    for name in ("toyworld_methods",):
+        loaded = study.load_study(name)
+        assert loaded.name == name and len(loaded.jobs) == 2 * 6 * 3
