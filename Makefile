@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install zoodip with its dependencies (editable)
 
 test: $(STAMP) ## Run the fast test suite (CPU, tiny models, no network)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Run only the slow checks (real SD architectures with random weights)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
@@ -34,7 +34,7 @@ format: $(STAMP) ## ruff format and autofix
 	$(VENV)/bin/ruff format zoodip tests
 	$(VENV)/bin/ruff check --fix zoodip tests
 
-demo: $(STAMP) ## Personalize a toy-world subject with ZOODiP, evaluate it, draw demo.png (offline, CPU, ~3 minutes)
+demo: $(STAMP) ## Personalize a toy-world subject with ZOODiP, evaluate it, draw demo.png (offline, CPU, about a minute after install)
 	$(VENV)/bin/zoodip-demo
 
 # The GPU machine (README: GPU check) has Python 3.12 with torch, transformers, accelerate, huggingface-hub, safetensors,
