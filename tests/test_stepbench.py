@@ -60,22 +60,34 @@ def test_plan_and_table():
     assert "| eval | 70 | 10.0 | 9.0 | 2.00x |" in table
 
 
-def test_the_step_table_end_to_end_against_a_baseline_checkout(tmp_path):
-    """One thread, a few steps: the rows run in fresh processes, and a baseline checkout (here this one) is timed by
-    its own code."""
-    from zoodip import ROOT
-
-    settings = ["threads=[1]", "steps=2", "warmup=1", "eval=false", "variants=[zoodip]", "profile=[zoodip]"]
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", *[f"bench.step.{s}" for s in settings],
-           f"bench.step.baseline={ROOT}", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+def run_step_table(tmp_path, *settings: str) -> tuple[subprocess.CompletedProcess, dict]:
+    every = ["threads=[1]", "steps=2", "warmup=1", "eval=false", "variants=[zoodip]", "profile=[]", *settings]
+    cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", *[f"bench.step.{s}" for s in every],
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
-    assert set(rows) == {"zoodip", "baseline zoodip", "baseline ti", "floor", "profile zoodip"}
     assert all(r["status"] == "completed" for r in rows.values()), rows
+    return proc, rows
+
+
+def test_the_step_table_end_to_end(tmp_path):
+    """One thread, two steps: the step and the floor, each in a fresh process, into bench.json and the table."""
+    proc, rows = run_step_table(tmp_path)
+    assert set(rows) == {"zoodip", "floor"}
     assert rows["floor"]["product_flops"] > 0.5e9 and rows["floor"]["products"] > 100
-    assert "| zoodip |" in proc.stdout and "% of floor" in proc.stdout and "**Profile: zoodip**" in proc.stdout
+    assert "| zoodip |" in proc.stdout and "% of floor" in proc.stdout
+
+
+@pytest.mark.slow  # four more worker processes
+def test_the_step_table_times_a_baseline_checkout_and_profiles(tmp_path):
+    """A baseline checkout (here this one) is timed by its own code; the profile lists the step's operators."""
+    from zoodip import ROOT
+
+    proc, rows = run_step_table(tmp_path, "profile=[zoodip]", f"baseline={ROOT}")
+    assert set(rows) == {"zoodip", "baseline zoodip", "baseline ti", "floor", "profile zoodip"}
+    assert "**Profile: zoodip**" in proc.stdout
     assert any(o["op"] == "aten::addmm" for o in rows["profile zoodip"]["ops"])
 
 
