@@ -82,7 +82,7 @@ def _keeps_quanto(layer: torch.nn.Module) -> bool:
 
 def _dequantized(self: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """This layer's W = q * s in `dtype`: its own copy, made once, when the layer keeps one
-    (`use_fast_cpu_int8(keep_copy=True)`), else written into the shared buffer at every call. The same product
+    (`keep_dequantized_copies`), else written into the shared buffer at every call. The same product
     either way, so a kept copy changes the speed, never the numbers."""
     copies = getattr(self, "_dequantized_copies", None)
     if copies is None:
@@ -110,7 +110,7 @@ def _int8_conv2d_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 
 #: `quantization.dequantized_copy: null` (auto) keeps a dequantized copy of every CPU INT8 layer when the copies
-#: of a model take at most this much: the toy world's take 28 MB, SD1.5's would take 3.4 GB in fp32.
+#: of a model take at most this much: the toy world's take 30 MB, SD1.5's would take about 4 GB in fp32.
 DEQUANTIZED_COPY_MAX_BYTES = 512 * 2**20
 
 
