@@ -66,7 +66,7 @@ def past_limits(knob: Knob) -> list:
 
 def wrong_types(knob: Knob) -> list:
     if knob.kind is bool:
-        return [1, 0, "true", None, [True]]
+        return [1, 0, "true", [True]] + ([] if knob.nullable else [None])
     common = ["3", True, [1], {"a": 1}, math.nan] + ([] if knob.nullable else [None])
     return common + ([1.5, 2.0] if knob.kind is int else [math.inf, -math.inf])
 
