@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #17 on the toy world (RESULTS.md §5): estimators at an equal budget of UNet forward passes.
+# The equal-budget comparison on the toy world (RESULTS.md §5): estimators at an equal budget of UNet forward passes.
 #   bash sweeps/toyworld_compare.sh [OUT_DIR] [STAGE ...]     (stages: screen main cosine lr; default all four)
 # screen: every candidate (and SPSA without strata, the control of stratified SPSA) on two tuning subjects (the
 #         first two good subjects of RESULTS.md §2's table that are not among the six), seeds 0 and 1, 2,500 forward

@@ -25,7 +25,7 @@ from zoodip.errors import ZoodipError
 from zoodip.quantize import quantize_weights
 
 
-@pytest.mark.slow  # heavy end to end (issue #13: kept out of make test)
+@pytest.mark.slow  # heavy end to end: kept out of make test
 def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     methods = ["zoodip", CRASH_METHOD, *list(METHODS)[1:]]  # the crash comes first: later methods still run
     cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", f"bench.methods=[{','.join(methods)}]",

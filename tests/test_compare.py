@@ -1,4 +1,4 @@
-"""zoodip-compare: equal-forward-pass comparison (issue #17), its arithmetic by hand and the command end to end."""
+"""zoodip-compare: equal-forward-pass comparison, its arithmetic by hand and the command end to end."""
 
 from __future__ import annotations
 

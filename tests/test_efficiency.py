@@ -1,4 +1,4 @@
-"""Issue #17's machinery: stratified PUTS, the forward-pass budget, kept tokens, and the true-gradient cosine."""
+"""The equal-budget machinery: stratified PUTS, the forward-pass budget, kept tokens, and the true-gradient cosine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability of a run (issue #14): preemption by signal, one writer per run folder, checkpoints that know their
+"""Reliability of a run: preemption by signal, one writer per run folder, checkpoints that know their
 config, numerical health. In-process on the tiny model; the real-process versions are in test_fault_injection.py.
 """
 

@@ -42,7 +42,7 @@ def test_every_sweep_composes_as_a_multirun(name):
 
 def test_sweep_sizes_match_the_paper():
     sizes = {name: len(expand(compose_sweep(name))) for name in SWEEPS}
-    # S4-S7 sweep the paper's two subjects (dog6, shiny_sneaker) beside their grid (S2); compare_methods (issue #17)
+    # S4-S7 sweep the paper's two subjects (dog6, shiny_sneaker) beside their grid (S2); compare_methods:
     # the six toy-world subjects x 3 seeds x 5 estimators
     assert sizes == {"fig7_tl_tu": 55, "subjects": 30, "table3_sg_puts": 4, "table4_tau_nu": 20,
                      "table5_timesteps": 3, "tableS4_estimators": 2 * 3, "tableS5_mu": 2 * 3, "tableS6_n": 2 * 4,
@@ -103,7 +103,7 @@ def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
     assert "failed" in markdown and "loss_ratio" in markdown
 
 
-@pytest.mark.slow  # heavy end to end (issue #13: kept out of make test)
+@pytest.mark.slow  # heavy end to end: kept out of make test
 def test_sweep_file_through_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = zoodip("zoodip.train", "sweeps=tableS8_precision", "hydra/launcher=submitit_local", *TINY_JOB,

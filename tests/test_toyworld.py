@@ -143,7 +143,7 @@ def test_acceptance_covers_every_caption():
     assert len(scenes) == 6 * 6 * 6 and all(s.background != s.colour for s in scenes)
 
 
-@pytest.mark.slow  # a miniature build of every phase, 50-100 s: heavy end to end (issue #13)
+@pytest.mark.slow  # a miniature build of every phase, 50-100 s: heavy end to end
 def test_make_toyworld_writes_a_complete_world(tmp_path):
     """A minute-sized build (every phase, 1% of the steps) is a loadable diffusers folder with scorer and subjects."""
     info = make_toyworld(tmp_path / "world", seed=1, scale=0.01, progress=False)

@@ -67,7 +67,7 @@ def test_batched_equals_sequential_and_theta_is_untouched(model, word, prompt, r
     assert torch.equal(parts.text_encoders[0].get_input_embeddings().weight, table)  # no table row changes
 
 
-@pytest.mark.slow  # heavy end to end (issue #13: kept out of make test)
+@pytest.mark.slow  # heavy end to end: kept out of make test
 def test_compiled_training_equals_eager_and_compiles_once(tmp_path):
     """train.compile: the same losses as the eager UNet, and one graph for every step's new sample, timestep and
     token (a recompile per step would cost more than it saves)."""
@@ -209,7 +209,7 @@ def test_first_order_ti_on_the_planted_task(tmp_path):
     assert metrics["status"] == "completed" and metrics["loss_ratio"] < 0.5  # measured 0.28
 
 
-@pytest.mark.slow  # heavy end to end (issue #13: kept out of make test)
+@pytest.mark.slow  # heavy end to end: kept out of make test
 def test_planted_recovery_drives_the_loss_down(tmp_path):
     """The known-answer task: the evaluation loss (fixed points, not one noisy sample) must fall far below 1."""
     metrics = run_tiny(tmp_path, "data=planted", "train.steps=120", "estimator.n=8", "estimator.batched=true",

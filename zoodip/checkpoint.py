@@ -51,7 +51,7 @@ class TrainState:
     wall_seconds: float
     initial_eval_loss: float | None
     forward_passes: int
-    config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0's #14)
+    config: dict[str, Any] | None = None  # the resolved run config (None in records of zoodip before 0.1.0)
     zoodip_version: str | None = None  # the package version that wrote it
     estimator: list[torch.Tensor] | None = None  # guided: recent updates; prgf: the previous estimate; hizoo: diag H
     cma: dict[str, Any] | None = None  # method=gfti: CMA-ES's state and RNG (zoodip/cmastate.py); no optimizer, no SG

@@ -1,4 +1,4 @@
-"""zoodip-compare MULTIRUN_DIR: methods at an equal budget of UNet forward passes (issue #17).
+"""zoodip-compare MULTIRUN_DIR: methods at an equal budget of UNet forward passes.
 
 The sweep it reads runs each method on the same subjects and seeds with the same `train.forward_budget`, keeping the
 token every K forward passes (`train.keep_tokens_every`), e.g. `sweeps/compare_methods.yaml`. For every kept token

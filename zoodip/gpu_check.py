@@ -1,4 +1,4 @@
-"""zoodip-gpu-check: one command that proves the CUDA path and measures the GPU targets (issue #16).
+"""zoodip-gpu-check: one command that proves the CUDA path and measures the GPU targets.
 
     python -m zoodip.gpu_check mode=quick     # smoke runs of zoodip-train + zoodip-generate on CUDA (<= 3 min)
     python -m zoodip.gpu_check mode=full      # + zoodip-eval on the toy world, zoodip-bench, the verdicts (<= 8 min)
