@@ -65,24 +65,33 @@ def _setup(preset: str, overrides: list[str], run_dir: Path):
     return cfg, setup(cfg, run_dir, torch.device("cpu"))
 
 
-def time_step(spec: dict[str, Any]) -> dict[str, Any]:
-    """Median milliseconds of `steps` training steps of the preset, after `warmup` untimed ones."""
+def _warmed_up_step(spec: dict[str, Any], run_dir: Path):
+    """The preset's training step as a function of the step number, and the seconds of its `warmup` untimed steps."""
     import torch
 
     from zoodip.train import training_step
 
+    cfg, s = _setup(spec["preset"], spec["overrides"], run_dir)
+    generator = torch.Generator().manual_seed(0)
+    quant = cfg.quantization.weights
+
+    def step(i: int) -> None:
+        training_step(s.method, s.objective, s.data, s.sampler, generator, i, quant)
+
+    started = time.perf_counter()
+    for i in range(1, spec["warmup"] + 1):
+        step(i)
+    return step, time.perf_counter() - started
+
+
+def time_step(spec: dict[str, Any]) -> dict[str, Any]:
+    """Median milliseconds of `steps` training steps of the preset, after `warmup` untimed ones."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, s = _setup(spec["preset"], spec["overrides"], Path(tmp))
-        generator = torch.Generator().manual_seed(0)
-        quant = cfg.quantization.weights
-        started = time.perf_counter()
-        for step in range(1, spec["warmup"] + 1):
-            training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
-        warmup = time.perf_counter() - started
+        step, warmup = _warmed_up_step(spec, Path(tmp))
         times = []
-        for step in range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1):
+        for i in range(spec["warmup"] + 1, spec["warmup"] + spec["steps"] + 1):
             start = time.perf_counter()
-            training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
+            step(i)
             times.append(time.perf_counter() - start)
     return {"ms": statistics.median(times) * 1e3, "warmup_s": warmup, "steps": len(times)}
 
@@ -157,20 +166,10 @@ def matrix_products(fn) -> list[tuple[int, int, int, int]]:
 
 def step_products(spec: dict[str, Any]) -> dict[str, Any]:
     """FLOPs of one step of the preset and the floor: its matrix products as plain torch.mm / torch.bmm."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from zoodip.train import training_step
-
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, s = _setup(spec["preset"], spec["overrides"], Path(tmp))
-        generator = torch.Generator().manual_seed(0)
-        quant = cfg.quantization.weights
-
-        def step(i: int) -> None:
-            training_step(s.method, s.objective, s.data, s.sampler, generator, i, quant)
-
-        step(1)
+        step, _ = _warmed_up_step({**spec, "warmup": 1}, Path(tmp))
         counter = FlopCounterMode(display=False)
         with counter:
             step(2)
@@ -212,22 +211,15 @@ def floor_seconds(products: list[tuple[int, int, int, int]], repeats: int) -> fl
 
 def profile_step(spec: dict[str, Any]) -> dict[str, Any]:
     """Where a step's time goes: torch.profiler's operators by self CPU time over `steps` steps, per step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from zoodip.train import training_step
-
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, s = _setup(spec["preset"], spec["overrides"], Path(tmp))
-        generator = torch.Generator().manual_seed(0)
-        quant = cfg.quantization.weights
-        for step in range(1, spec["warmup"] + 1):
-            training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
+        step, _ = _warmed_up_step(spec, Path(tmp))
         steps = spec["steps"]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            for step in range(spec["warmup"] + 1, spec["warmup"] + steps + 1):
-                training_step(s.method, s.objective, s.data, s.sampler, generator, step, quant)
+            for i in range(spec["warmup"] + 1, spec["warmup"] + steps + 1):
+                step(i)
             wall = time.perf_counter() - start
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
