@@ -110,7 +110,8 @@ def _int8_conv2d_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 
 #: `quantization.dequantized_copy: null` (auto) keeps a dequantized copy of every CPU INT8 layer when the copies
-#: of a model take at most this much: the toy world's take 30 MB, SD1.5's would take about 4 GB in fp32.
+#: of a model take at most this much: the toy world's take 30 MB; SD1.5's would take about 4 GB in fp32 (estimated
+#: from its parameter count, not measured).
 DEQUANTIZED_COPY_MAX_BYTES = 512 * 2**20
 
 
