@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from safetensors import safe_open
 
 from zoodip import study
 
@@ -44,7 +45,8 @@ def rows(results):
 
 
 def test_a_study_runs_what_is_missing_and_nothing_else(tmp_path, monkeypatch, capfd):
-    spec = write_spec(tmp_path / "spec.yaml", {"rge": ["estimator=rge"], "spsa": ["estimator=spsa"]})
+    arms = {"rge": ["estimator=rge", "train.keep_tokens_every=3"], "spsa": ["estimator=spsa"]}
+    spec = write_spec(tmp_path / "spec.yaml", arms)
     results, work = tmp_path / "results", tmp_path / "work"
     args = [f"spec={spec}", f"study.results_dir={results}", f"study.work_dir={work}"]
 
@@ -56,8 +58,8 @@ def test_a_study_runs_what_is_missing_and_nothing_else(tmp_path, monkeypatch, ca
     first = rows(results)
     assert [(r["arm"], r["subject"], r["seed"]) for r in first] == [
         ("rge", "planted", "0"),
-        ("rge", "planted", "1"),
         ("spsa", "planted", "0"),
+        ("rge", "planted", "1"),
         ("spsa", "planted", "1"),
     ]
     assert list(first[0]) == study.COLUMNS
@@ -65,7 +67,14 @@ def test_a_study_runs_what_is_missing_and_nothing_else(tmp_path, monkeypatch, ca
         assert row["steps"] == "2" and int(row["forward_passes"]) > 0 and float(row["final_loss"]) > 0
         assert row["subject_accuracy"] == "" and row["zoodip_version"] and "estimator=" in row["overrides"]
         assert (results / "tokens" / f"{row['arm']}__planted__s{row['seed']}.safetensors").stat().st_size > 0
-    assert yaml.safe_load((results / "study.yaml").read_text())["arms"]["rge"] == ["estimator=rge"]
+    # the tokens kept along the way travel with the record, each with its step, forward passes and wall time
+    kept = sorted((results / "tokens" / "rge__planted__s0").glob("fwd-*.safetensors"))
+    assert [p.name for p in kept] == ["fwd-000000000.safetensors", "fwd-000000003.safetensors", "fwd-000000006.safetensors"]
+    with safe_open(str(kept[-1]), "pt") as f:
+        meta = f.metadata()
+    assert meta["step"] == "2" and meta["forward_passes"] == "6" and float(meta["wall_seconds"]) > 0
+    assert not (results / "tokens" / "spsa__planted__s0").exists()
+    assert yaml.safe_load((results / "study.yaml").read_text())["arms"]["rge"] == arms["rge"]
     capfd.readouterr()
 
     text = (results / "runs.csv").read_text()

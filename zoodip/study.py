@@ -11,8 +11,10 @@ A study spec (studies/<name>.yaml) names arms (each a list of zoodip-train overr
     seeds: [0, 1, 2]
 
 `zoodip-study spec=toyworld_methods` trains every (arm, subject, seed) job that docs/results/<name>/runs.csv does not
-record yet, one at a time (zoodip-train in a subprocess, in <work_dir>/<arm>__<subject>__s<seed>), and after each
-completed job appends its row to runs.csv and copies its final token to tokens/<arm>__<subject>__s<seed>.safetensors.
+record yet, one at a time (zoodip-train in a subprocess, in <work_dir>/<arm>__<subject>__s<seed>), seed by seed and
+subject by subject with the arms of a pair together, and after each completed job appends its row to runs.csv and
+copies its final token to tokens/<arm>__<subject>__s<seed>.safetensors (and the tokens it kept along the way,
+train.keep_tokens_every, to tokens/<arm>__<subject>__s<seed>/).
 Both writes are atomic, the token first: a row always has its token. Commit docs/results/<name>/ and the next sitting,
 on any machine, runs only what is left. A job interrupted on the same machine continues from its checkpoint
 (train.resume=auto); a failed job is not recorded (the next invocation tries it again) and the others carry on.
@@ -143,19 +145,23 @@ def load_study(spec: str) -> Study:
     for word in [*arms, *subjects]:
         if not isinstance(word, str) or not _NAME.match(word) or "__" in word:
             raise ZoodipError(f"study spec {path}: {word!r} must be a plain name (letters, digits, _ . -; no '__')")
-    jobs = []
+    arm_overrides = {}
     for arm, overrides in arms.items():
-        arm_overrides = _strings(overrides or [], f"{path.name}: arm {arm}", allow_empty=True)
-        for override in [*common, *arm_overrides]:
+        arm_overrides[arm] = _strings(overrides or [], f"{path.name}: arm {arm}", allow_empty=True)
+        for override in [*common, *arm_overrides[arm]]:
             if override.split("=", 1)[0].lstrip("+~") in ("data.subject", "train.seed", "hydra.run.dir"):
                 raise ZoodipError(
                     f"study spec {path}: {override!r}: the study sets data.subject, train.seed and the "
                     f"run folder itself (list subjects and seeds instead)"
                 )
-        for subject in subjects:
-            for seed in seeds:
-                every = (*common, *arm_overrides, f"data.subject={subject}", f"train.seed={seed}")
-                jobs.append(Job(arm, subject, int(seed), every))
+    # Seed by seed, subject by subject, every arm of a pair together: a study stopped part way has complete
+    # pairs on every subject rather than one arm done and the other not started.
+    jobs = [
+        Job(arm, subject, int(seed), (*common, *arm_overrides[arm], f"data.subject={subject}", f"train.seed={seed}"))
+        for seed in seeds
+        for subject in subjects
+        for arm in arms
+    ]
     return Study(name, jobs, raw)
 
 
@@ -212,6 +218,9 @@ def record(job: Job, run_dir: Path, results: Path, commit: str) -> dict[str, Any
     token = run_dir / "learned_embeds.safetensors"
     if not isinstance(metrics, dict) or metrics.get("status") != "completed" or not token.is_file():
         return None
+    # the tokens kept along the way (train.keep_tokens_every) first, for curves against forward passes and time
+    for kept in sorted((run_dir / "tokens").glob("fwd-*.safetensors")):
+        atomic_write(results / "tokens" / job.label / kept.name, lambda tmp, src=kept: shutil.copyfile(src, tmp))
     atomic_write(results / "tokens" / f"{job.label}.safetensors", lambda tmp: shutil.copyfile(token, tmp))
     scores = metrics.get("eval") or {}
     if not scores and OmegaConf.select(OmegaConf.create(metrics.get("config") or {}), "eval.enabled", default=False):

@@ -160,11 +160,14 @@ def save_embeddings(run_dir: Path, text: TextConditioner, theta: torch.Tensor) -
     write_run_sdxl_embedding(run_dir)  # SDXL: also the one-file clip_l / clip_g layout of A1111 and ComfyUI
 
 
-def keep_token(run_dir: Path, text: TextConditioner, theta: torch.Tensor, step: int, forward_passes: int) -> None:
+def keep_token(
+    run_dir: Path, text: TextConditioner, theta: torch.Tensor, step: int, forward_passes: int, wall_seconds: float
+) -> None:
     """tokens/fwd-<forward passes>.safetensors: the flat token at this point of training (train.keep_tokens_every),
-    for zoodip-compare's curves against forward passes."""
+    for curves against forward passes and against training wall time (zoodip-compare, zoodip-study's records)."""
     tensors = {"theta": theta.detach().float().cpu().contiguous().clone()}
-    meta = {"placeholder": text.placeholder, "step": str(step), "forward_passes": str(forward_passes)}
+    meta = {"placeholder": text.placeholder, "step": str(step), "forward_passes": str(forward_passes),
+            "wall_seconds": f"{wall_seconds:.3f}"}  # fmt: skip
     path = run_dir / "tokens" / f"fwd-{forward_passes:09d}.safetensors"
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -424,14 +427,15 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
     stratified, cosine_every = bool(cfg.puts.get("stratified")), int(cfg.train.grad_cosine_every)
     keep_every = int(cfg.train.keep_tokens_every)
     if keep_every and start == 0:
-        keep_token(run_dir, s.text, theta, 0, 0)
+        keep_token(run_dir, s.text, theta, 0, 0, wall_before)
     for step in bar:
         reference = s.reference if cosine_every and step % cosine_every == 0 else None
         passes_before = objective.forward_passes
         result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant, stratified, reference)
         crossed = objective.forward_passes // keep_every > passes_before // keep_every if keep_every else False
         if crossed or (keep_every and step == steps):  # and the final token, wherever the budget ends
-            keep_token(run_dir, s.text, theta, step, objective.forward_passes)
+            wall = wall_before + time.perf_counter() - t_start
+            keep_token(run_dir, s.text, theta, step, objective.forward_passes, wall)
         divergence = health.observe(result.loss if result.finite else float("nan"))
         if divergence:
             tracker.warn("divergence", divergence, step)
