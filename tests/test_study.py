@@ -69,7 +69,7 @@ def test_a_study_runs_what_is_missing_and_nothing_else(tmp_path, monkeypatch, ca
         assert (results / "tokens" / f"{row['arm']}__planted__s{row['seed']}.safetensors").stat().st_size > 0
     # the tokens kept along the way travel with the record, each with its step, forward passes and wall time
     kept = sorted((results / "tokens" / "rge__planted__s0").glob("fwd-*.safetensors"))
-    assert [p.name for p in kept] == ["fwd-000000000.safetensors", "fwd-000000003.safetensors", "fwd-000000006.safetensors"]
+    assert [p.name for p in kept] == [f"fwd-{n:09d}.safetensors" for n in (0, 3, 6)]
     with safe_open(str(kept[-1]), "pt") as f:
         meta = f.metadata()
     assert meta["step"] == "2" and meta["forward_passes"] == "6" and float(meta["wall_seconds"]) > 0
