@@ -56,7 +56,7 @@ gpu-wheels: $(STAMP) ## Download into .whl/ the wheels the GPU machine lacks (cp
 	@echo "wheels: $$(du -sh .whl | cut -f1); tracked files: $$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MiB", $$1 / 1048576}') (the device takes 64 MiB in all)"
 
 gpu-check: ## On a CUDA machine: smoke runs, toy-world eval, bench and the GPU verdicts into gpu-check.json/.md
-	$(if $(wildcard $(PY)),$(PY),python3) -m zoodip.gpu_check mode=full
+	$(if $(wildcard $(PY)),$(PY),python3) -m zoodip.tools.gpu_check mode=full
 
 clean: ## Remove caches (keeps outputs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache

@@ -35,7 +35,7 @@ def compose_train(*overrides: str) -> DictConfig:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """`zoodip-make-tiny` output: a diffusers folder loaded with model.init=pretrained model.path=DIR."""
-    from zoodip.tiny import make_tiny
+    from zoodip.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
 
@@ -66,9 +66,21 @@ def toy_run(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("toy") / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
-    args = ["experiments=toyworld", "data.subject=red_circle", "model.steps=50", "eval.enabled=false", "logger=none",
-            "train.progress=false", f"hydra.run.dir={folder}"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "zoodip.train", *args], capture_output=True, text=True, env=env,
-                            cwd=folder.parent)  # fmt: skip
+    args = [
+        "experiments=toyworld",
+        "data.subject=red_circle",
+        "model.steps=50",
+        "eval.enabled=false",
+        "logger=none",
+        "train.progress=false",
+        f"hydra.run.dir={folder}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "zoodip.runtime.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder.parent,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return folder

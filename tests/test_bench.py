@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from zoodip.bench import (
+from zoodip.errors import ZoodipError
+from zoodip.models.quantize import quantize_weights
+from zoodip.tools.bench import (
     CRASH_METHOD,
     FIELDS,
     METHODS,
@@ -21,15 +23,22 @@ from zoodip.bench import (
     weight_bytes,
     worker_failure,
 )
-from zoodip.errors import ZoodipError
-from zoodip.quantize import quantize_weights
 
 
 @pytest.mark.slow  # heavy end to end: kept out of make test
 def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     methods = ["zoodip", CRASH_METHOD, *list(METHODS)[1:]]  # the crash comes first: later methods still run
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", f"bench.methods=[{','.join(methods)}]",
-           "bench.steps=2", "bench.warmup=1", "bench.resolution=32", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoodip.tools.bench",
+        "model=tiny",
+        f"bench.methods=[{','.join(methods)}]",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.resolution=32",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)  # zoodip_compile: ~1 min
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -46,8 +55,18 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
         assert r["iters_per_second"] == pytest.approx(1 / r["seconds_per_iter"])
         assert set(r["weight_bytes"]) == {"text_encoder", "unet"} and min(r["weight_bytes"].values()) > 0
     fwd = {name: results[name]["forward_passes_per_iter"] for name in METHODS}
-    assert fwd == {"zoodip": 3, "zoodip_n1": 2, "zoodip_batched": 3, "zoodip_compile": 3, "zoodip_quanto": 3,
-                   "zoodip_fp32": 3, "zoodip_int4": 3, "zoodip_fp16": 3, "ti": 1, "dreambooth": 1}  # fmt: skip
+    assert fwd == {
+        "zoodip": 3,
+        "zoodip_n1": 2,
+        "zoodip_batched": 3,
+        "zoodip_compile": 3,
+        "zoodip_quanto": 3,
+        "zoodip_fp32": 3,
+        "zoodip_int4": 3,
+        "zoodip_fp16": 3,
+        "ti": 1,
+        "dreambooth": 1,
+    }
     assert all(r["warmup_seconds"] > 0 for r in results.values() if r["status"] == "completed")
     assert results["zoodip_compile"]["compile"] == "default" and results["zoodip"]["compile"] is None
     assert all(0 < results[name]["baseline_bytes"] <= results[name]["peak_load_bytes"] for name in METHODS)
@@ -67,15 +86,25 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
 def test_ratios_by_hand():
     assert ratio(6.0, 2.0) == 3.0 and ratio(None, 2.0) is None and ratio(1.0, 0) is None
     info = {"cpu": "x", "cores": 2, "gpu": None, "torch": "t", "cuda": None}
-    base = {"status": "completed", "weights": "none", "dtype": "float32", "peak_load_bytes": 2**30,
-            "forward_passes_per_iter": 1}  # fmt: skip
+    base = {
+        "status": "completed",
+        "weights": "none",
+        "dtype": "float32",
+        "peak_load_bytes": 2**30,
+        "forward_passes_per_iter": 1,
+    }
     results = [
         {**base, "method": "zoodip", "peak_train_bytes": 2 * 2**30, "seconds_per_iter": 0.5, "iters_per_second": 2.0},
         {**base, "method": "ti", "peak_train_bytes": 8 * 2**30, "seconds_per_iter": 1.0, "iters_per_second": 1.0},
-        {**base, "method": "dreambooth", "peak_train_bytes": 30 * 2**30, "seconds_per_iter": 0.25,
-         "iters_per_second": 4.0},
+        {
+            **base,
+            "method": "dreambooth",
+            "peak_train_bytes": 30 * 2**30,
+            "seconds_per_iter": 0.25,
+            "iters_per_second": 4.0,
+        },
         {"method": "zoodip_int4", "status": "failed", "error": "Boom | with\na newline"},
-    ]  # fmt: skip
+    ]
     lines = markdown(results, info, "sd15", 512, 600).splitlines()
     assert "Full run: 600 iterations" in lines[2]
     row = next(line for line in lines if line.startswith("| zoodip |"))
@@ -125,38 +154,48 @@ def test_cuda_figures_drive_the_memory_column():
         "seconds_per_iter": 1.0,
         "iters_per_second": 1.0,
     }
-    results = [{**base, "method": "zoodip", "cuda_device_peak_bytes": 2**30},
-               {**base, "method": "ti", "cuda_device_peak_bytes": 3 * 2**30}]  # fmt: skip
+    results = [
+        {**base, "method": "zoodip", "cuda_device_peak_bytes": 2**30},
+        {**base, "method": "ti", "cuda_device_peak_bytes": 3 * 2**30},
+    ]
     text = markdown(results, info, "sd15", 512, 30_000)
     assert "device-wide CUDA peak" in text and "GPU H100" in text
     assert "| 3.00x | — | 1.00x |" in next(x for x in text.splitlines() if x.startswith("| zoodip |"))
 
 
-BAD_SETTINGS = [("bench.cpu_memory=small", "bench.cpu_memory must be one of lean, fast"),
-                ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'"),
-                ("bench.steps=0", "bench.steps must be >= 1"), ("bench.warmup=-1", "bench.warmup >= 0")]  # fmt: skip
+BAD_SETTINGS = [
+    ("bench.cpu_memory=small", "bench.cpu_memory must be one of lean, fast"),
+    ("bench.device=tpu", "bench.device must be auto, cpu or cuda[:N], got 'tpu'"),
+    ("bench.steps=0", "bench.steps must be >= 1"),
+    ("bench.warmup=-1", "bench.warmup >= 0"),
+]
 if not torch.cuda.is_available():  # checked before any worker starts, not reported as N failed methods
     BAD_SETTINGS.append(("bench.device=cuda", "bench.device=cuda but no CUDA device is available"))
 
 
 @pytest.mark.parametrize(("setting", "message"), BAD_SETTINGS)
 def test_bad_settings_are_usage_errors(tmp_path, setting, message):
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=tiny", setting, f"hydra.run.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "zoodip.tools.bench", "model=tiny", setting, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()
 
 
 def test_kernel_tables_print(monkeypatch, capsys):
-    """`python -m zoodip.bench_kernels` on one small shape: both tables, one row per batch size and shape."""
-    from zoodip import bench_kernels
+    """`python -m zoodip.tools.bench_kernels` on one small shape: both tables, one row per batch size and shape."""
+    from zoodip.tools import bench_kernels
 
     monkeypatch.setattr(bench_kernels, "SHAPES", [(77, 256, 512)])
     bench_kernels.main(["--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert [c[:3] for c in cells] == [["batch", "tokens", "in"], ["1", "77", "256"], ["3", "77", "256"],
-                                      ["tokens", "in", "out"], ["77", "256", "512"]]  # fmt: skip
+    assert [c[:3] for c in cells] == [
+        ["batch", "tokens", "in"],
+        ["1", "77", "256"],
+        ["3", "77", "256"],
+        ["tokens", "in", "out"],
+        ["77", "256", "512"],
+    ]
     assert all(float(c) > 0 for c in cells[-1][3:6]) and cells[-1][6].endswith("x")
 
 

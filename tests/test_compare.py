@@ -11,21 +11,34 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from zoodip.compare import forwards_to, job_label, main, summarize
+from zoodip.analysis.compare import forwards_to, job_label, main, summarize
 
 
 def curve(method: str, subject: str, seed: int, accuracies: list[float], step: int) -> list[dict]:
-    return [{"method": method, "subject": subject, "seed": seed, "forward_passes": i * step, "subject_accuracy": a,
-             "gap_closed": a / 2} for i, a in enumerate(accuracies)]  # fmt: skip
+    return [
+        {
+            "method": method,
+            "subject": subject,
+            "seed": seed,
+            "forward_passes": i * step,
+            "subject_accuracy": a,
+            "gap_closed": a / 2,
+        }
+        for i, a in enumerate(accuracies)
+    ]
 
 
 def test_forwards_to_target_and_speedup_by_hand():
     """Target 0.6: `ref` reaches it at 300, 200 and 200 forwards, `fast` at 100, 100 and never. Speed-ups per
     (subject, seed): 3, 2 and 0 (the reference reached it, `fast` did not), so the median is 2."""
-    rows = (curve("ref", "a", 0, [0.1, 0.3, 0.5, 0.6], 100) + curve("ref", "b", 0, [0.1, 0.5, 0.6, 0.7], 100)
-            + curve("ref", "c", 0, [0.2, 0.4, 0.6, 0.6], 100)
-            + curve("fast", "a", 0, [0.1, 0.7, 0.7], 100) + curve("fast", "b", 0, [0.1, 0.6, 0.8], 100)
-            + curve("fast", "c", 0, [0.1, 0.2, 0.3], 100))  # fmt: skip
+    rows = (
+        curve("ref", "a", 0, [0.1, 0.3, 0.5, 0.6], 100)
+        + curve("ref", "b", 0, [0.1, 0.5, 0.6, 0.7], 100)
+        + curve("ref", "c", 0, [0.2, 0.4, 0.6, 0.6], 100)
+        + curve("fast", "a", 0, [0.1, 0.7, 0.7], 100)
+        + curve("fast", "b", 0, [0.1, 0.6, 0.8], 100)
+        + curve("fast", "c", 0, [0.1, 0.2, 0.3], 100)
+    )
     curves = pd.DataFrame(rows)
     assert forwards_to(curves[(curves.method == "ref") & (curves.subject == "a")], 0.6) == 300
     assert math.isinf(forwards_to(curves[(curves.method == "fast") & (curves.subject == "c")], 0.6))
@@ -55,9 +68,20 @@ def test_method_labels_leave_subject_and_seed_out():
 def two_methods(tmp_path_factory) -> Path:
     """A real two-job sweep on the shipped toy world: rge and prgf, 30 forward passes, a token every 15."""
     out = tmp_path_factory.mktemp("compare") / "sweep"
-    cmd = [Path(sys.executable).with_name("zoodip-train"), "-m", "experiments=toyworld", "estimator=rge,prgf",
-           "data.subject=red_circle", "train.forward_budget=30", "train.keep_tokens_every=15", "eval.enabled=false",
-           "logger=none", "train.progress=false", "train.checkpoint_every=0", f"hydra.sweep.dir={out}"]  # fmt: skip
+    cmd = [
+        Path(sys.executable).with_name("zoodip-train"),
+        "-m",
+        "experiments=toyworld",
+        "estimator=rge,prgf",
+        "data.subject=red_circle",
+        "train.forward_budget=30",
+        "train.keep_tokens_every=15",
+        "eval.enabled=false",
+        "logger=none",
+        "train.progress=false",
+        "train.checkpoint_every=0",
+        f"hydra.sweep.dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -65,7 +89,7 @@ def two_methods(tmp_path_factory) -> Path:
 
 
 def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import zoodip.compare as compare_mod
+    import zoodip.analysis.compare as compare_mod
 
     calls = []
 
@@ -94,7 +118,7 @@ def test_compare_end_to_end(two_methods: Path, capsys: pytest.CaptureFixture, mo
 def test_compare_reuses_measured_curves(two_methods: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second zoodip-compare with the same settings measures nothing again (no model is loaded); other settings
     measure anew."""
-    import zoodip.compare as compare_mod
+    import zoodip.analysis.compare as compare_mod
 
     main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
     before = pd.read_csv(two_methods / "compare" / "curves.csv")
@@ -115,8 +139,15 @@ def test_compare_final_tokens_only(two_methods: Path, tmp_path: Path) -> None:
     main([str(two_methods), "compare.images_per_prompt=1", "compare.pool=2"])
     full = pd.read_csv(two_methods / "compare" / "curves.csv")
     out = tmp_path / "finals"
-    main([str(two_methods), "compare.images_per_prompt=3", "compare.pool=2", "compare.tokens=final",
-          f"compare.output={out}"])  # fmt: skip
+    main(
+        [
+            str(two_methods),
+            "compare.images_per_prompt=3",
+            "compare.pool=2",
+            "compare.tokens=final",
+            f"compare.output={out}",
+        ]
+    )
     finals = pd.read_csv(out / "curves.csv")
     assert sorted(finals["forward_passes"].unique()) == [0, 30] and (finals["images_per_prompt"] == 3).all()
     key = ["job", "forward_passes"]
@@ -134,10 +165,14 @@ def test_compare_errors_are_one_sentence(two_methods: Path, tmp_path: Path, caps
     (sd / "0" / ".hydra").mkdir(parents=True)
     (sd / "0" / "tokens").mkdir()
     (sd / "0" / ".hydra" / "config.yaml").write_text("eval:\n  kind: dreambooth\n")
-    cases = [([str(tmp_path / "nope")], "does not exist"), ([str(bare)], "kept tokens"),
-             ([str(sd)], "not a toy-world run"),
-             ([str(two_methods), "compare.reference=spsa"], "none of the methods"), ([], "required"),
-             ([str(two_methods), "compare.tokens=last"], "compare.tokens must be all or final")]  # fmt: skip
+    cases = [
+        ([str(tmp_path / "nope")], "does not exist"),
+        ([str(bare)], "kept tokens"),
+        ([str(sd)], "not a toy-world run"),
+        ([str(two_methods), "compare.reference=spsa"], "none of the methods"),
+        ([], "required"),
+        ([str(two_methods), "compare.tokens=last"], "compare.tokens must be all or final"),
+    ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

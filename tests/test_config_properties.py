@@ -16,14 +16,17 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
 from zoodip.errors import ZoodipError
+from zoodip.runtime.train import main, run, validate
 from zoodip.schema import KNOBS, SEED_MAX, Knob, check_config
-from zoodip.train import main, run, validate
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PLANTED = ["data=planted", "data.eval_points=2"]
-BASE = {"": compose_train(*PLANTED), "method.": compose_train(*PLANTED, "method=gfti"),
-        "estimator.smoothing": compose_train(*PLANTED, "estimator=hizoo"),
-        "puts.stratified": compose_train(*PLANTED, "estimator=spsa")}  # fmt: skip
+BASE = {
+    "": compose_train(*PLANTED),
+    "method.": compose_train(*PLANTED, "method=gfti"),
+    "estimator.smoothing": compose_train(*PLANTED, "estimator=hizoo"),
+    "puts.stratified": compose_train(*PLANTED, "estimator=spsa"),
+}
 BASE["estimator.clip"] = BASE["estimator.smoothing"]
 BASE["estimator.unbiased"] = compose_train(*PLANTED, "estimator=guided")
 
@@ -166,8 +169,22 @@ def test_unknown_keys_are_named(key):
         check_config(cfg)
 
 
-@pytest.mark.parametrize("preset", ["toyworld", "toyworld_ti", "demo", "ti", "planted", "gfti_sd15", "zoodip_sdxl",
-                                    "zoodip_int4", "ti_sd21", "toyworld_fast", "zoodip_fast_sd15"])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "toyworld",
+        "toyworld_ti",
+        "demo",
+        "ti",
+        "planted",
+        "gfti_sd15",
+        "zoodip_sdxl",
+        "zoodip_int4",
+        "ti_sd21",
+        "toyworld_fast",
+        "zoodip_fast_sd15",
+    ],
+)
 def test_every_shipped_preset_passes_the_schema(preset):
     check_config(compose_train(f"experiments={preset}"))
 
@@ -182,11 +199,13 @@ def test_betas():
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("estimator.mu=abc", "estimator.mu must be a finite number > 0, got 'abc'"),
-     ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
-     ("+train.stpes=5", "unknown config key train.stpes"),
-     ("train.seed=-1", "train.seed must be an integer >= 0")],
-)  # fmt: skip
+    [
+        ("estimator.mu=abc", "estimator.mu must be a finite number > 0, got 'abc'"),
+        ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
+        ("+train.stpes=5", "unknown config key train.stpes"),
+        ("train.seed=-1", "train.seed must be an integer >= 0"),
+    ],
+)
 def test_the_command_line_exits_2_naming_the_key(tmp_path, monkeypatch, capsys, override, named):
     argv = ["zoodip-train", "model=tiny", "logger=none", *PLANTED, override, f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("wandb_workspaces")
 
-from zoodip.dashboard import as_json, build  # noqa: E402
+from zoodip.analysis.dashboard import as_json, build  # noqa: E402
 
 
 def test_builds_workspace_and_report_offline():
@@ -38,9 +38,10 @@ def test_builds_workspace_and_report_offline():
 def test_command_line_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_CONFIG_DIR=str(tmp_path), NETRC=str(tmp_path / "netrc"), HOME=str(tmp_path), WANDB_SILENT="true")
-    cmd = [sys.executable, "-m", "zoodip.dashboard", "mygroup", "swept=[sg.tau]"]
-    built = subprocess.run([*cmd, "save=false", f"output={tmp_path / 'd.json'}"], capture_output=True, text=True,
-                           env=env, cwd=tmp_path)  # fmt: skip
+    cmd = [sys.executable, "-m", "zoodip.analysis.dashboard", "mygroup", "swept=[sg.tau]"]
+    built = subprocess.run(
+        [*cmd, "save=false", f"output={tmp_path / 'd.json'}"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     assert json.loads((tmp_path / "d.json").read_text())["workspace"]["name"] == "zoodip mygroup"
     saved = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)

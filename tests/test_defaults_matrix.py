@@ -14,7 +14,7 @@ from conftest import compose_train
 from safetensors.torch import load_file
 
 from zoodip.errors import ZoodipError
-from zoodip.train import run
+from zoodip.runtime.train import run
 
 #: The methods README.md's config tables and commands name: ZOODiP (RGE, the default), first-order TI, GF-TI.
 METHODS = {"rge": (), "backprop": ("experiments=ti",), "gfti": ("method=gfti",)}
@@ -67,8 +67,13 @@ def test_the_matrix_is_every_combination():
 def train_cli(folder, *args: str) -> subprocess.CompletedProcess:
     folder.mkdir(parents=True)
     args = (*args, "train.steps=2", "logger=none", "train.progress=false", f"hydra.run.dir={folder}")
-    return subprocess.run([sys.executable, "-m", "zoodip.train", *args], capture_output=True, text=True,
-                          cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "zoodip.runtime.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_the_toy_world_on_the_planted_task_from_the_command_line(tmp_path):

@@ -13,14 +13,22 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from zoodip import CONF_DIR, ROOT
 from zoodip.cli import hydra_argv as report_argv
-from zoodip.evaluate import hydra_argv as eval_argv
+from zoodip.evaluation.evaluate import hydra_argv as eval_argv
 
 DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
 #: Hydra apps and their primary config.
-HYDRA_APPS = {"zoodip-train": "train", "zoodip-demo": "train", "zoodip-bench": "bench", "zoodip-report": "report",
-              "zoodip-eval": "train", "zoodip-compare": "compare",
-              "zoodip-generate": "generate", "zoodip-export": "export", "zoodip-dashboard": "dashboard",
-              "zoodip-study": "study"}  # fmt: skip
+HYDRA_APPS = {
+    "zoodip-train": "train",
+    "zoodip-demo": "train",
+    "zoodip-bench": "bench",
+    "zoodip-report": "report",
+    "zoodip-eval": "train",
+    "zoodip-compare": "compare",
+    "zoodip-generate": "generate",
+    "zoodip-export": "export",
+    "zoodip-dashboard": "dashboard",
+    "zoodip-study": "study",
+}
 COMMANDS = set(HYDRA_APPS)
 
 

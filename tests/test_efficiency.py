@@ -8,11 +8,11 @@ import torch
 from conftest import compose_train
 from safetensors import safe_open
 
-import zoodip.train as train_mod
+import zoodip.runtime.train as train_mod
 from zoodip.errors import ZoodipError
-from zoodip.objective import Objective
-from zoodip.timesteps import TimestepSampler
-from zoodip.train import run, validate
+from zoodip.method.objective import Objective
+from zoodip.method.timesteps import TimestepSampler
+from zoodip.runtime.train import run, validate
 
 SCHEDULE = torch.linspace(0.99, 0.01, 1000)
 
@@ -86,8 +86,14 @@ def test_kept_tokens_are_the_tokens_at_each_forward_pass_mark(tmp_path):
 def test_grad_cosine_is_one_for_backprop_and_a_cosine_for_rge(tmp_path):
     """train.grad_cosine_every: backprop through the unquantized fp32 model is the reference's own gradient (cosine
     1); RGE's estimates give cosines in [-1, 1], logged every K steps. The reference's passes are not counted."""
-    ti = compose_train("data=planted", "experiments=ti", "model=tiny", "train.steps=2", "train.grad_cosine_every=1",
-                       "eval.enabled=false")  # fmt: skip
+    ti = compose_train(
+        "data=planted",
+        "experiments=ti",
+        "model=tiny",
+        "train.steps=2",
+        "train.grad_cosine_every=1",
+        "eval.enabled=false",
+    )
     run(ti, tmp_path / "ti")
     history = pd.read_csv(tmp_path / "ti" / "history.csv")
     assert history["grad_cosine"].tolist() == pytest.approx([1.0, 1.0], abs=1e-4)

@@ -11,7 +11,7 @@ from conftest import compose_train
 from PIL import Image
 
 from zoodip.errors import ZoodipError
-from zoodip.train import run
+from zoodip.runtime.train import run
 
 
 def rejects(tmp_path, *overrides: str, match: str) -> None:
@@ -72,8 +72,12 @@ def test_corrupt_files_are_skipped_when_others_remain(tmp_path, caplog):
 def test_token_errors(tmp_path, subject_dir):
     base = [f"data.path={subject_dir}", "data.subject=dog6"]
     rejects(tmp_path, *base, "data.placeholder_token=dog", match="already in the tokenizer")
-    rejects(tmp_path, *base, "data.initializer_token='stuffed animal'",
-            match="'stuffed animal' is 2 tokens .* exactly one: try data.initializer_token=dog or ")  # fmt: skip
+    rejects(
+        tmp_path,
+        *base,
+        "data.initializer_token='stuffed animal'",
+        match="'stuffed animal' is 2 tokens .* exactly one: try data.initializer_token=dog or ",
+    )
 
 
 def test_a_multi_token_initializer_is_answered_with_words_of_that_tokenizer(tmp_path):
@@ -92,8 +96,13 @@ def test_a_folder_that_is_no_dreambooth_subject_starts_from_the_models_word(tmp_
 
 def test_missing_weights_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rejects(tmp_path, "data=planted", "model.init=pretrained", "model.path=someone/not-downloaded",
-            match="not in the local Hugging Face cache")  # fmt: skip
+    rejects(
+        tmp_path,
+        "data=planted",
+        "model.init=pretrained",
+        "model.path=someone/not-downloaded",
+        match="not in the local Hugging Face cache",
+    )
     rejects(tmp_path, "data=planted", "model.init=pretrained", f"model.path={tmp_path}", match="missing unet")
 
 
@@ -111,7 +120,7 @@ def test_backprop_needs_an_unquantized_model(tmp_path):
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "zoodip.train", *args], capture_output=True, text=True, cwd=cwd, env=env
+        [sys.executable, "-m", "zoodip.runtime.train", *args], capture_output=True, text=True, cwd=cwd, env=env
     )
 
 

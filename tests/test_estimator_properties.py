@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zoodip import CONF_DIR
-from zoodip.estimators import backprop, direction_seeds, rge
-from zoodip.methods import METHODS, GradientMethod
+from zoodip.method.estimators import backprop, direction_seeds, rge
+from zoodip.method.methods import METHODS, GradientMethod
 
 #: Every zeroth-order estimator of the registry: an `estimator` config with a non-autograd registry entry.
 ESTIMATORS = sorted(
@@ -89,8 +89,14 @@ def mean_estimate(name: str, seed: int, dim: int, draws: int = DRAWS):
     """The mean of `draws` estimates of estimator `name` (a registry name or a VARIANTS key) at one point of a random
     quadratic, with the state the estimator reached after 12 training steps on another one; (mean, grad, E[g])."""
     estimator, options = VARIANTS.get(name, (name, []))
-    cfg = compose_train(f"estimator={estimator}", "sg=off", "estimator.mu=1e-3", f"train.seed={seed}",
-                        *SETTINGS.get(estimator, []), *options)  # fmt: skip
+    cfg = compose_train(
+        f"estimator={estimator}",
+        "sg=off",
+        "estimator.mu=1e-3",
+        f"train.seed={seed}",
+        *SETTINGS.get(estimator, []),
+        *options,
+    )
     g = torch.Generator().manual_seed(seed)
     warm_up, _ = quadratic(dim, g)
     loss_fn, gradient = quadratic(dim, g)
@@ -139,8 +145,8 @@ def test_the_biased_estimators_are_told_apart_from_the_gradient(name):
 def tiny_loss():
     """The tiny model's L(theta) (fp32, unquantized) at one fixed sample (latent, noise, t = 700, prompt), the
     initializer's token theta_0, and the exact gradient there by backprop (as train.grad_cosine_every computes it)."""
-    from zoodip.models import load_components
-    from zoodip.objective import Objective, TextConditioner
+    from zoodip.method.objective import Objective, TextConditioner
+    from zoodip.models.loading import load_components
 
     parts = load_components("tiny", "random", None, torch.float32, torch.device("cpu"), "none", seed=0)
     text = TextConditioner(parts, "<p>", "dog", 1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zoodip.estimators import backprop, combine, direction, direction_seeds, one_point, rge, spsa
+from zoodip.method.estimators import backprop, combine, direction, direction_seeds, one_point, rge, spsa
 
 SEEDS = [11, 22, 33]
 
@@ -35,8 +35,10 @@ def test_spsa_hand_computation():
     f = lambda x, groups=None: (x**3).sum(-1)  # noqa: E731
     mu = 0.05
     e1, e2 = direction(SEEDS[0], 3), direction(SEEDS[1], 3)
-    by_hand = ((f(theta + mu * e1) - f(theta - mu * e1)) / (2 * mu) * e1
-               + (f(theta + mu * e2) - f(theta - mu * e2)) / (2 * mu) * e2) / 2  # fmt: skip
+    by_hand = (
+        (f(theta + mu * e1) - f(theta - mu * e1)) / (2 * mu) * e1
+        + (f(theta + mu * e2) - f(theta - mu * e2)) / (2 * mu) * e2
+    ) / 2
     est = spsa(f, theta, 2, mu, SEEDS)
     torch.testing.assert_close(est.grad, by_hand)
     assert est.forward_passes == 4
@@ -49,8 +51,10 @@ def test_one_point_hand_computation():
     e = [direction(s, 3) for s in SEEDS]
     # the residual times the newer direction e_{i+1} (Zhang et al. 2022; Eq. S12 as printed has e_i, which points
     # uphill on average: tests/test_estimator_properties.py)
-    by_hand = ((f(theta + mu * e[1]) - f(theta + mu * e[0])) / mu * e[1]
-               + (f(theta + mu * e[2]) - f(theta + mu * e[1])) / mu * e[2]) / 2  # fmt: skip
+    by_hand = (
+        (f(theta + mu * e[1]) - f(theta + mu * e[0])) / mu * e[1]
+        + (f(theta + mu * e[2]) - f(theta + mu * e[1])) / mu * e[2]
+    ) / 2
     est = one_point(f, theta, 2, mu, SEEDS)
     torch.testing.assert_close(est.grad, by_hand)
     assert est.forward_passes == 3
@@ -86,7 +90,7 @@ def test_backprop_is_the_exact_gradient():
 def test_antithetic_is_the_central_difference_exact_on_a_quadratic():
     """f = 1/2 theta^T A theta + b^T theta: (f(theta + mu e) - f(theta - mu e)) / (2 mu) = grad . e exactly, so
     g = (2/n) sum_i (grad . e_i) e_i by hand, with n + 1 passes (L(theta) shared) and an even n required."""
-    from zoodip.estimators import antithetic
+    from zoodip.method.estimators import antithetic
 
     g = torch.Generator().manual_seed(0)
     dim = 6
@@ -113,7 +117,7 @@ def test_guided_covariance_inverse_and_both_means():
     """Sigma = alpha I + (1 - alpha) (D/k) U U^T: the closed-form Sigma^-1 inverts the explicit matrix, directions
     have that covariance; on a linear loss the mean estimate over many seeds is Sigma w as published, w itself with
     `unbiased`; one estimate by hand; n + 1 passes."""
-    from zoodip.estimators import guided, guided_directions, guided_inverse
+    from zoodip.method.estimators import guided, guided_directions, guided_inverse
 
     g = torch.Generator().manual_seed(1)
     dim, k, alpha = 8, 2, 0.3
@@ -154,7 +158,7 @@ def quadratic(hess_diag: torch.Tensor, b: torch.Tensor):
 def test_hizoo_hand_computation_and_state_update():
     """One step by hand: Sigma = clip(mean(h) / h), g = (L+ - L-) / (2 mu) Sigma^1/2 u, h <- (1 - a) h + a |h_hat|
     with h_hat = (L+ + L- - 2 L0) / (2 mu^2) (u^2 - 1) / Sigma; 2n + 1 passes."""
-    from zoodip.estimators import hizoo
+    from zoodip.method.estimators import hizoo
 
     h_true, b = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     f = quadratic(h_true, b)
@@ -176,7 +180,7 @@ def test_hizoo_hand_computation_and_state_update():
 
 def test_hizoo_curvature_estimate_is_unbiased_and_gradient_is_preconditioned():
     """On a quadratic, the mean of h_hat over many directions is diag(H), and the mean of g is Sigma grad."""
-    from zoodip.estimators import hizoo
+    from zoodip.method.estimators import hizoo
 
     h_true = torch.tensor([0.5, 2.0, 8.0, 1.0], dtype=torch.float64)
     b = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
@@ -199,7 +203,7 @@ def test_hizoo_curvature_estimate_is_unbiased_and_gradient_is_preconditioned():
 def test_prgf_keeps_the_prior_and_is_the_projection_on_a_linear_loss():
     """On a linear loss, g = sum_i (w . u_i) u_i exactly: the projection of w onto span(v, u_2..u_n); with the prior
     along w the estimate is w itself; n + 1 passes."""
-    from zoodip.estimators import prgf
+    from zoodip.method.estimators import prgf
 
     w = torch.tensor([1.0, -2.0, 0.5, 3.0])
     f = lambda x, groups=None: x @ w  # noqa: E731
@@ -218,7 +222,7 @@ def test_prgf_keeps_the_prior_and_is_the_projection_on_a_linear_loss():
 
 def test_spsa_and_antithetic_mark_their_pairs():
     """puts.stratified relies on these groups: each +/- pair shares one group; antithetic's L(theta) is group 0."""
-    from zoodip.estimators import antithetic
+    from zoodip.method.estimators import antithetic
 
     seen = {}
 

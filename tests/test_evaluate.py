@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from tests.conftest import compose_train, same_weights
+from zoodip.data.prompts import eval_prompts
 from zoodip.errors import ZoodipError
-from zoodip.evaluate import Validator, evaluate_run, load_vae, main, preflight, prepare_config
-from zoodip.models import load_components
-from zoodip.objective import TextConditioner
-from zoodip.prompts import eval_prompts
-from zoodip.tiny import make_tiny
-from zoodip.train import run
+from zoodip.evaluation.evaluate import Validator, evaluate_run, load_vae, main, preflight, prepare_config
+from zoodip.method.objective import TextConditioner
+from zoodip.models.loading import load_components
+from zoodip.models.tiny import make_tiny
+from zoodip.runtime.train import run
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,12 @@ def shrink(tiny_dir):
 def run_dir(tmp_path_factory, tiny_dir, subject_dir):
     """A finished two-step run on the tiny pipeline, with the .hydra/config.yaml Hydra would have written."""
     cfg = compose_train(
-        "model.init=pretrained", f"model.path={tiny_dir}", f"data.path={subject_dir}", "data.subject=dog6",
+        "model.init=pretrained",
+        f"model.path={tiny_dir}",
+        f"data.path={subject_dir}",
+        "data.subject=dog6",
         "train.steps=2",
-    )  # fmt: skip
+    )
     out = tmp_path_factory.mktemp("runs") / "run"
     run(cfg, out)
     (out / ".hydra").mkdir()
@@ -79,8 +82,14 @@ def test_metrics_agree_with_scores(run_dir, evaluated):
         assert metrics[key] == pytest.approx(frame[key].mean(), abs=1e-9)
     assert [p["prompt"] for p in metrics["per_prompt"]] == list(frame["prompt"])
     assert -1 <= metrics["dino_inter"] <= 1 and metrics["images_per_second"] > 0
-    assert metrics["counts"] == {"prompts": 25, "images_per_prompt": 1, "scored_images": 25, "diversity_images": 2,
-                                 "generated_images": 26, "reference_images": 3}  # fmt: skip
+    assert metrics["counts"] == {
+        "prompts": 25,
+        "images_per_prompt": 1,
+        "scored_images": 25,
+        "diversity_images": 2,
+        "generated_images": 26,
+        "reference_images": 3,
+    }
     assert metrics["backbones"]["clip"].endswith("clip") and metrics["status"] == "completed"
 
 
@@ -123,8 +132,12 @@ def test_preflight_checks_what_the_evaluation_needs(run_dir, shrink, tmp_path):
 
 
 def test_cli_bad_run_dir(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "zoodip.evaluate", f"run_dir={tmp_path / 'nope'}"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoodip.evaluation.evaluate", f"run_dir={tmp_path / 'nope'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "is not a folder" in proc.stderr
 
@@ -138,8 +151,9 @@ def test_cli_needs_run_dir(capsys):
 def test_validator_uses_the_live_token(run_dir, tiny_dir):
     """The every-K validation: the trainer's quantized parts, its own VAE, CLIP-I of a few fixed-seed images."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg = prepare_config(cfg, {"eval.clip.path": str(tiny_dir / "clip"), "eval.num_inference_steps": 2,
-                               "eval.validation.prompts": 1})  # fmt: skip
+    cfg = prepare_config(
+        cfg, {"eval.clip.path": str(tiny_dir / "clip"), "eval.num_inference_steps": 2, "eval.validation.prompts": 1}
+    )
     parts = load_components("tiny", "pretrained", str(tiny_dir), torch.float32, torch.device("cpu"), "int8")
     parts.release_vae()
     text = TextConditioner(parts, "<dog6>", "dog", 1)
@@ -155,9 +169,16 @@ def test_training_with_eval_enabled_and_validation(tmp_path, tiny_dir, subject_d
     """`eval.enabled=true` evaluates at the end of training; `eval.every=K` validates every K steps (W&B)."""
     overrides = [f"{k}={v}" for k, v in shrink.items()]
     cfg = compose_train(
-        "model.init=pretrained", f"model.path={tiny_dir}", f"data.path={subject_dir}", "data.subject=dog6",
-        "train.steps=2", "eval.enabled=true", "eval.every=1", "logger=wandb", *overrides,
-    )  # fmt: skip
+        "model.init=pretrained",
+        f"model.path={tiny_dir}",
+        f"data.path={subject_dir}",
+        "data.subject=dog6",
+        "train.steps=2",
+        "eval.enabled=true",
+        "eval.every=1",
+        "logger=wandb",
+        *overrides,
+    )
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and "eval_error" not in metrics
     assert set(metrics["eval"]) == {"clip_t", "clip_i", "dino", "dino_inter"}
@@ -171,7 +192,8 @@ def test_training_with_eval_enabled_and_validation(tmp_path, tiny_dir, subject_d
 
 def test_validation_vae_is_the_training_vae():
     """Validation during training rebuilds the released VAE of a random model: the same seeded weights."""
-    cfg = OmegaConf.create({"model": {"init": "random", "arch": "tiny", "seed": 3, "path": None},
-                            "quantization": {"weights": "int8"}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {"model": {"init": "random", "arch": "tiny", "seed": 3, "path": None}, "quantization": {"weights": "int8"}}
+    )
     parts = load_components("tiny", "random", None, torch.float32, torch.device("cpu"), "int8", seed=3)
     assert same_weights(load_vae(cfg, torch.device("cpu"), torch.float32), parts.vae)

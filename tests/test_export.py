@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zoodip.embeddings import SDXL_FILE, load_embedding, load_init_embedding, write_run_sdxl_embedding
 from zoodip.errors import ZoodipError
-from zoodip.export import export
+from zoodip.models.embeddings import SDXL_FILE, load_embedding, load_init_embedding, write_run_sdxl_embedding
+from zoodip.tools.export import export
 
 
 def sdxl_run(folder: Path, token: str = "<dog6>") -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def test_init_embedding_checks_width_layout_and_existence(tmp_path):
 
 def test_export_command_line(tmp_path):
     sdxl_run(tmp_path / "run")
-    cmd = [sys.executable, "-m", "zoodip.export"]
+    cmd = [sys.executable, "-m", "zoodip.tools.export"]
     ok = subprocess.run([*cmd, f"input={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "run" / SDXL_FILE).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -17,23 +17,38 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoodip.preemption import EXIT_PREEMPTED
-from zoodip.runlock import LOCK_FILE
+from zoodip.runtime.preemption import EXIT_PREEMPTED
+from zoodip.runtime.runlock import LOCK_FILE
 
 pytestmark = pytest.mark.slow
 
-RUN = ["model=tiny", "data=planted", "data.eval_points=2", "logger=none", "train.progress=false", "train.steps=40",
-       "train.save_every=1", "train.checkpoint_every=0", "eval.enabled=false"]  # fmt: skip
+RUN = [
+    "model=tiny",
+    "data=planted",
+    "data.eval_points=2",
+    "logger=none",
+    "train.progress=false",
+    "train.steps=40",
+    "train.save_every=1",
+    "train.checkpoint_every=0",
+    "eval.enabled=false",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "zoodip.train", *RUN, *args]
+    return [sys.executable, "-m", "zoodip.runtime.train", *RUN, *args]
 
 
 def start(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(command(f"hydra.run.dir={run_dir}", *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=run_dir.parent)  # fmt: skip
+    return subprocess.Popen(
+        command(f"hydra.run.dir={run_dir}", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=run_dir.parent,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -125,9 +140,10 @@ def test_submitit_requeues_a_preempted_job_which_resumes_identically(tmp_path, s
     (the task exits 144 and is started again) and train.resume=auto continues it in its own job dir."""
     sweep_dir = tmp_path / "sweep"
     args = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", f"hydra.sweep.dir={sweep_dir}"]
-    multirun = [sys.executable, "-m", "zoodip.train", "-m", *RUN, *args]  # Hydra wants -m before the overrides
-    launcher = subprocess.Popen(multirun, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                                cwd=tmp_path)  # fmt: skip
+    multirun = [sys.executable, "-m", "zoodip.runtime.train", "-m", *RUN, *args]  # Hydra wants -m before the overrides
+    launcher = subprocess.Popen(
+        multirun, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path
+    )
     job = sweep_dir / "0"
     wait_for(job / "learned_embeds.safetensors", launcher, timeout=240)
     os.kill(lock_holder(job), signal.SIGUSR2)

@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import save_file
 
-from zoodip import CONF_DIR, ROOT, toyworld
-from zoodip.embeddings import write_sdxl_file
+from zoodip import CONF_DIR, ROOT
 from zoodip.errors import ZoodipError
-from zoodip.generate import load_pipeline, prepare, run
+from zoodip.evaluation.generate import load_pipeline, prepare, run
+from zoodip.models.embeddings import write_sdxl_file
+from zoodip.toyworld import world as toyworld
 
 PROMPT = 'prompt="a photo of <red_circle>"'
 FAST = ["num_inference_steps=10", "guidance_scale=5"]
@@ -35,8 +36,15 @@ def compose_generate(*overrides: str):
 
 def test_generates_scorable_images_from_a_toyworld_run(toy_run, tmp_path):
     out = tmp_path / "gen"
-    result = zoodip("zoodip.generate", f"run_dir={toy_run}", PROMPT, "num_images=4", *FAST, f"hydra.run.dir={out}",
-                    cwd=tmp_path)  # fmt: skip
+    result = zoodip(
+        "zoodip.evaluation.generate",
+        f"run_dir={toy_run}",
+        PROMPT,
+        "num_images=4",
+        *FAST,
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     settings = json.loads((out / "generate.json").read_text())
     assert settings["prompt"] == "a photo of <red_circle>" and settings["token"] == "<red_circle>"
@@ -67,8 +75,14 @@ def test_generates_scorable_images_from_a_toyworld_run(toy_run, tmp_path):
 
 def test_another_model_through_model_path(toy_run, tmp_path):
     world = ROOT / "zoodip/assets/toyworld"
-    cfg = compose_generate(f"run_dir={toy_run}", f"model.path={world}", "quantization=none", "num_images=1",
-                           "num_inference_steps=2", "scheduler=euler")  # fmt: skip
+    cfg = compose_generate(
+        f"run_dir={toy_run}",
+        f"model.path={world}",
+        "quantization=none",
+        "num_images=1",
+        "num_inference_steps=2",
+        "scheduler=euler",
+    )
     settings = run(cfg, tmp_path / "out")
     assert settings["model"] == str(world) and settings["quantization"] == "none"
     assert settings["scheduler"] == "EulerDiscreteScheduler" and settings["prompt"] == "a photo of <red_circle>"
@@ -78,12 +92,19 @@ def test_sdxl_loads_both_tokens_from_one_a1111_file(tmp_path):
     g = torch.Generator().manual_seed(0)
     clip_l, clip_g = torch.randn(1, 768, generator=g), torch.randn(1, 1280, generator=g)
     write_sdxl_file([clip_l, clip_g], tmp_path / "tok.safetensors")
-    cfg = compose_generate("model=tiny_sdxl", f"embedding={tmp_path / 'tok.safetensors'}", 'token="<tok>"',
-                           "num_images=1", "num_inference_steps=2")  # fmt: skip
+    cfg = compose_generate(
+        "model=tiny_sdxl",
+        f"embedding={tmp_path / 'tok.safetensors'}",
+        'token="<tok>"',
+        "num_images=1",
+        "num_inference_steps=2",
+    )
     job = prepare(cfg)
     pipe = load_pipeline(job, torch.device("cpu"))
-    for encoder, tokenizer, rows in ((pipe.text_encoder, pipe.tokenizer, clip_l),
-                                     (pipe.text_encoder_2, pipe.tokenizer_2, clip_g)):  # fmt: skip
+    for encoder, tokenizer, rows in (
+        (pipe.text_encoder, pipe.tokenizer, clip_l),
+        (pipe.text_encoder_2, pipe.tokenizer_2, clip_g),
+    ):
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<tok>")]
         assert torch.equal(row.float(), rows[0])
     settings = run(cfg, tmp_path / "out")
@@ -116,11 +137,13 @@ def test_prompt_without_token_and_bad_scheduler(toy_run):
 
 
 def test_command_line_errors_exit_2_and_never_touch_user_files(toy_run, tmp_path):
-    missing = zoodip("zoodip.generate", "run_dir=/nonexistent/run", cwd=tmp_path)
+    missing = zoodip("zoodip.evaluation.generate", "run_dir=/nonexistent/run", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: run_dir=")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    taken = zoodip("zoodip.generate", f"run_dir={toy_run}", "num_images=1", f"hydra.run.dir={mine}", cwd=tmp_path)
+    taken = zoodip(
+        "zoodip.evaluation.generate", f"run_dir={toy_run}", "num_images=1", f"hydra.run.dir={mine}", cwd=tmp_path
+    )
     assert taken.returncode == 2 and "not an empty folder" in taken.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"

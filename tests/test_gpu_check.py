@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from zoodip import ROOT
 from zoodip.errors import ZoodipError
-from zoodip.gpu_check import (
+from zoodip.tools.gpu_check import (
     GB,
     Clock,
     Part,
@@ -38,8 +38,14 @@ from zoodip.gpu_check import (
 def test_no_cuda_device_is_one_sentence_and_exit_code_2(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    cmd = [sys.executable, "-m", "zoodip.gpu_check", "mode=quick", f"out_dir={tmp_path / 'out'}",
-           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoodip.tools.gpu_check",
+        "mode=quick",
+        f"out_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -96,9 +102,11 @@ def test_the_report_is_written_after_every_part(tmp_path):
 
 
 def test_timeouts_crashes_and_the_budget_leave_a_partial_report(tmp_path, monkeypatch):
-    monkeypatch.setattr("zoodip.gpu_check.MIN_START_S", 2.0)
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
-             "print('started', flush=True); time.sleep(60)"  # fmt: skip
+    monkeypatch.setattr("zoodip.tools.gpu_check.MIN_START_S", 2.0)
+    script = (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print('started', flush=True); time.sleep(60)"
+    )
 
     def hang(timeout_s: float) -> dict:
         outcome = run_command([sys.executable, "-c", script], timeout_s, tmp_path / "hang.log")
@@ -111,8 +119,12 @@ def test_timeouts_crashes_and_the_budget_leave_a_partial_report(tmp_path, monkey
         time.sleep(0.5)
         return {"status": "passed"}
 
-    parts = [Part("smoke/crash", crash, 5.0), Part("smoke/slow", slow, 5.0), Part("smoke/hang", hang, 1.5),
-             Part("bench/sd15/zoodip", slow, 5.0)]  # fmt: skip
+    parts = [
+        Part("smoke/crash", crash, 5.0),
+        Part("smoke/slow", slow, 5.0),
+        Part("smoke/hang", hang, 1.5),
+        Part("bench/sd15/zoodip", slow, 5.0),
+    ]
     report = Report(tmp_path, header(), [p.name for p in parts])
     execute(parts, report, Clock(3.9))  # the slow part and the hang take 2 s: under 2 s left, the bench is skipped
     status = {p["name"]: p for p in read(tmp_path)["parts"]}
@@ -141,18 +153,32 @@ def test_smoke_check_of_a_training_run():
 
 
 def bench_result(method: str, its: float, peak_gb: float | None = None, fwd: int = 3, **extra) -> dict:
-    r = {"method": method, "status": "passed", "seconds_per_iter": 1 / its, "iters_per_second": its,
-         "forward_passes_per_iter": fwd, "run_steps": 30_000, **extra}  # fmt: skip
+    r = {
+        "method": method,
+        "status": "passed",
+        "seconds_per_iter": 1 / its,
+        "iters_per_second": its,
+        "forward_passes_per_iter": fwd,
+        "run_steps": 30_000,
+        **extra,
+    }
     if peak_gb is not None:  # context 0.5 GB, weights 0.9 GB, the rest activations and cache
-        r.update(cuda_device_peak_bytes=int(peak_gb * GB), cuda_max_reserved_bytes=int((peak_gb - 0.5) * GB),
-                 cuda_max_allocated_bytes=int((peak_gb - 0.6) * GB),
-                 weight_bytes={"unet": int(0.8 * GB), "text_encoder": int(0.1 * GB)})  # fmt: skip
+        r.update(
+            cuda_device_peak_bytes=int(peak_gb * GB),
+            cuda_max_reserved_bytes=int((peak_gb - 0.5) * GB),
+            cuda_max_allocated_bytes=int((peak_gb - 0.6) * GB),
+            weight_bytes={"unet": int(0.8 * GB), "text_encoder": int(0.1 * GB)},
+        )
     return r
 
 
 def test_verdicts_from_bench_results():
-    sd15 = [bench_result("zoodip", 30.0, peak_gb=1.5), bench_result("zoodip_compile", 60.0),
-            bench_result("ti", 15.0, fwd=1), bench_result("zoodip_n1", 90.0, fwd=2)]  # fmt: skip
+    sd15 = [
+        bench_result("zoodip", 30.0, peak_gb=1.5),
+        bench_result("zoodip_compile", 60.0),
+        bench_result("ti", 15.0, fwd=1),
+        bench_result("zoodip_n1", 90.0, fwd=2),
+    ]
     sdxl = [bench_result("zoodip", 5.0, peak_gb=4.4)]
     peak15, speed, peakxl, minutes = verdicts({"sd15": sd15, "sdxl": sdxl})
     assert peak15["status"] == "met" and peak15["value"] == pytest.approx(1.5, abs=1e-6)
@@ -177,11 +203,21 @@ def test_verdicts_from_bench_results():
 
 def test_a_bench_table_per_architecture_in_the_markdown(tmp_path):
     report = Report(tmp_path, header(), ["bench/sd15/zoodip", "bench/sd15/ti"])
-    extra = {"arch": "sd15", "resolution": 512, "weights": "int8", "dtype": "float16", "baseline_bytes": GB,
-             "peak_load_bytes": GB, "peak_train_bytes": GB, "note": None}  # fmt: skip
+    extra = {
+        "arch": "sd15",
+        "resolution": 512,
+        "weights": "int8",
+        "dtype": "float16",
+        "baseline_bytes": GB,
+        "peak_load_bytes": GB,
+        "peak_train_bytes": GB,
+        "note": None,
+    }
     report.record("bench/sd15/zoodip", bench_result("zoodip", 30.0, peak_gb=1.5, **extra))
-    report.record("bench/sd15/ti", {**extra, "method": "ti", "status": "failed", "error": "timed out after 9 s",
-                                    "seconds_per_iter": None})  # fmt: skip
+    report.record(
+        "bench/sd15/ti",
+        {**extra, "method": "ti", "status": "failed", "error": "timed out after 9 s", "seconds_per_iter": None},
+    )
     md = (tmp_path / "gpu-check.md").read_text()
     assert "### zoodip-bench sd15" in md and "| ti | failed: timed out after 9 s |" in md
     assert "| SD1.5 INT8 device-wide peak <= 1.6 GB (paper 2.37 GB) | met |" in md
@@ -191,8 +227,8 @@ def test_a_bench_table_per_architecture_in_the_markdown(tmp_path):
 @pytest.fixture(scope="module")
 def meta_tiny():
     """The tiny model (INT8, quanto's own kernels as on CUDA) moved to the meta device."""
-    from zoodip.models import load_components
-    from zoodip.objective import TextConditioner
+    from zoodip.method.objective import TextConditioner
+    from zoodip.models.loading import load_components
 
     parts = load_components("tiny", "random", None, torch.float32, torch.device("cpu"), "int8", fast_cpu_int8=False)
     text = TextConditioner(parts, "<x>", "dog", 1)
@@ -207,7 +243,7 @@ def test_a_training_step_never_reads_back_from_the_device(meta_tiny, batched):
     """set_sample and every loss of a step run with the model on a device: no `.cpu()` / `.item()` between the
     forwards (on CUDA each one is a stall; on meta it raises), no CPU tensor mixed in (the timestep, the
     candidates, the target). The per-step read of the losses happens in the estimator, after all forwards."""
-    from zoodip.objective import Objective
+    from zoodip.method.objective import Objective
 
     parts, text = meta_tiny
     objective = Objective(parts, text, batched=batched, max_batch=2)
@@ -223,7 +259,7 @@ def test_a_training_step_never_reads_back_from_the_device(meta_tiny, batched):
 
 def test_the_loss_of_a_half_precision_prediction_is_computed_in_fp32():
     """At large timesteps an fp16 prediction far from the noise squares past fp16's 65,504: the loss must not."""
-    from zoodip.objective import Objective
+    from zoodip.method.objective import Objective
 
     pred = torch.full((1, 4, 8, 8), 300.0, dtype=torch.float16)
     unet = lambda z, t, c, **kw: SimpleNamespace(sample=pred.expand(z.shape[0], -1, -1, -1))  # noqa: E731
@@ -241,8 +277,8 @@ def test_a_quantized_half_precision_vae_that_needs_upcasting_encodes_and_decodes
     dtype of a weights Tensor cannot be changed"). `quantize_vae` keeps such a VAE fp32 and casts its inputs."""
     from diffusers import AutoencoderKL
 
-    from zoodip.data import encode_latents
-    from zoodip.models import quantize_vae
+    from zoodip.data.dataset import encode_latents
+    from zoodip.models.loading import quantize_vae
 
     vae = AutoencoderKL.from_pretrained(ROOT / "zoodip" / "assets" / "toyworld" / "vae", torch_dtype=torch.float16)
     assert vae.config.force_upcast

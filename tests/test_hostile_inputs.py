@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-import zoodip.checkpoint as ckpt
-import zoodip.data as data
-from zoodip.checkpoint import TrainState, load_checkpoint, locate_checkpoint, save_checkpoint
-from zoodip.data import load_captions, load_reference_images, read_reference_images
+import zoodip.data.dataset as data
+import zoodip.runtime.checkpoint as ckpt
+from zoodip.data.dataset import load_captions, load_reference_images, read_reference_images
 from zoodip.errors import ZoodipError
-from zoodip.evaluate import reference_images
+from zoodip.evaluation.evaluate import reference_images
 from zoodip.io import atomic_write, atomic_write_text, current_umask
+from zoodip.runtime.checkpoint import TrainState, load_checkpoint, locate_checkpoint, save_checkpoint
 
 
 def folder_with(tmp_path: Path, **files: bytes | Image.Image) -> Path:
@@ -53,10 +53,10 @@ def jpeg_bytes(size=(64, 64)) -> bytes:
 def skipped_one(folder: Path, caplog, name: str, why: str) -> None:
     """The folder reads as its one good image, with one warning naming `name` and why."""
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="zoodip.data"):
+    with caplog.at_level(logging.WARNING, logger="zoodip.data.dataset"):
         refs = read_reference_images(str(folder))
     assert refs.names == ["00_good.png"]
-    records = [r for r in caplog.records if r.name == "zoodip.data"]
+    records = [r for r in caplog.records if r.name == "zoodip.data.dataset"]
     assert len(records) == 1, [r.getMessage() for r in records]
     message = records[0].getMessage()
     assert f"skipping {name} (" in message or f"; {name} (" in message, message
@@ -260,7 +260,7 @@ def test_non_utf8_file_names_are_read_and_shown_safely(tmp_path, caplog):
     Image.new("RGB", (8, 8), (1, 1, 1)).save(buf, format="PNG")
     good = raw_name_file(folder, b"caf\xe9.png", buf.getvalue())
     bad = raw_name_file(folder, b"br\xffoken.jpg", b"not an image")
-    with caplog.at_level(logging.WARNING, logger="zoodip.data"):
+    with caplog.at_level(logging.WARNING, logger="zoodip.data.dataset"):
         refs = read_reference_images(str(folder))
     assert refs.names == ["00_good.png", good]  # read; the name keeps its surrogate escape (os.fsencode gives it back)
     assert repr(bad) in caplog.text and "\udcff" not in caplog.text  # shown with repr: printable, encodable
@@ -294,9 +294,9 @@ def test_fifo_is_skipped_without_blocking(tmp_path, caplog):
 def test_one_warning_names_every_skipped_entry(tmp_path, caplog):
     folder = folder_with(tmp_path, **{".DS_Store": b"x", "notes__txt": b"hello", "cut__jpg": b"\xff\xd8\xff"})
     (folder / "extra").mkdir()
-    with caplog.at_level(logging.WARNING, logger="zoodip.data"):
+    with caplog.at_level(logging.WARNING, logger="zoodip.data.dataset"):
         assert read_reference_images(str(folder)).names == ["00_good.png"]
-    (record,) = [r for r in caplog.records if r.name == "zoodip.data"]
+    (record,) = [r for r in caplog.records if r.name == "zoodip.data.dataset"]
     message = record.getMessage()
     for part in [".DS_Store (hidden)", "notes.txt (not an image file name)", "cut.jpg (", "extra (a sub-folder"]:
         assert part in message, message
@@ -466,7 +466,12 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert torch.equal(back.sg["buffer"], state.sg["buffer"]) and back.sg["projector"].shape == (0, 16)
     assert back.history[0]["loss"] != back.history[0]["loss"] and back.history[1] == state.history[1]  # NaN kept
     assert (back.step, back.nonfinite, back.wall_seconds, back.initial_eval_loss, back.forward_passes) == (
-        3, 1, 2.5, None, 9)  # fmt: skip
+        3,
+        1,
+        2.5,
+        None,
+        9,
+    )
     assert not any(p.suffix == ".pt" for p in (tmp_path / "checkpoints").iterdir())
 
 
@@ -546,7 +551,7 @@ def test_a_crash_before_the_commit_keeps_the_previous_checkpoint(tmp_path, monke
 
 
 def test_old_pickle_checkpoint_is_refused(tmp_path):
-    from zoodip.train import find_checkpoint
+    from zoodip.runtime.train import find_checkpoint
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -561,7 +566,7 @@ def test_old_pickle_checkpoint_is_refused(tmp_path):
 
 
 def test_resume_finds_a_run_dir_checkpoint(tmp_path):
-    from zoodip.train import find_checkpoint
+    from zoodip.runtime.train import find_checkpoint
 
     other = tmp_path / "other"
     save_checkpoint(other / "checkpoints", small_state())

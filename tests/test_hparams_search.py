@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from zoodip import CONF_DIR, ROOT
 from zoodip.errors import ZoodipError
-from zoodip.train import check_objective, objective_value
+from zoodip.runtime.train import check_objective, objective_value
 
 SEARCHES = sorted(p.stem for p in (ROOT / "hparams_search").glob("*.yaml"))
 REPORTED_SUBJECTS = {"red_circle", "red_square", "red_triangle", "blue_star", "red_heart", "green_cross"}
@@ -102,7 +102,7 @@ def test_a_tiny_optuna_study_survives_a_failed_trial_and_writes_its_best_params(
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     result = subprocess.run(
-        [sys.executable, "-m", "zoodip.train", *args], capture_output=True, text=True, cwd=tmp_path, env=env
+        [sys.executable, "-m", "zoodip.runtime.train", *args], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Failed experiment" in result.stdout + result.stderr

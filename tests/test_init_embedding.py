@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from tests.conftest import compose_train
 from zoodip.errors import ZoodipError
-from zoodip.models import load_components
-from zoodip.objective import TextConditioner
+from zoodip.method.objective import TextConditioner
+from zoodip.models.loading import load_components
 
 
 def conditioner(num_vectors: int = 1) -> TextConditioner:
@@ -48,7 +48,7 @@ def test_a_pickle_embedding_is_refused_unless_allowed_and_then_read_weights_only
     a tensor is refused even then."""
     import pickle
 
-    from zoodip.embeddings import load_embedding
+    from zoodip.models.embeddings import load_embedding
 
     torch.save({"<tok>": torch.ones(1, 768)}, tmp_path / "learned_embeds.bin")
     torch.save({"string_to_param": {"*": torch.full((1, 768), 2.0)}, "name": "tok"}, tmp_path / "a1111.pt")

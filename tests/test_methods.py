@@ -1,4 +1,4 @@
-"""The method registry (zoodip/methods.py), GF-TI, the official-code optimizer, INT4 only on the UNet, SNR
+"""The method registry (zoodip/method/methods.py), GF-TI, the official-code optimizer, INT4 only on the UNet, SNR
 sampling, caption files and flips: each against a hand computation or an end-to-end tiny run."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import zoodip.train as train_mod
-from zoodip.data import Reference, read_caption_files
+import zoodip.runtime.train as train_mod
+from zoodip.data.dataset import Reference, read_caption_files
 from zoodip.errors import ZoodipError
-from zoodip.estimators import direction, direction_seeds
-from zoodip.methods import CMAES, METHODS, GradientMethod, gfti_scale, pca_basis
-from zoodip.models import load_components
-from zoodip.quantize import weights_by_component
-from zoodip.timesteps import TimestepSampler, snr_weights
-from zoodip.train import run, validate
+from zoodip.method.estimators import direction, direction_seeds
+from zoodip.method.methods import CMAES, METHODS, GradientMethod, gfti_scale, pca_basis
+from zoodip.method.timesteps import TimestepSampler, snr_weights
+from zoodip.models.loading import load_components
+from zoodip.models.quantize import weights_by_component
+from zoodip.runtime.train import run, validate
 
 
 def test_every_estimator_config_is_a_registry_entry():
@@ -33,11 +33,19 @@ def test_every_estimator_config_is_a_registry_entry():
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [((), 3), (("estimator=spsa",), 4), (("estimator=one_point",), 3), (("estimator=antithetic",), 3),
-     (("estimator=guided", "estimator.k=2"), 3), (("estimator=hizoo",), 3), (("estimator=prgf",), 3),
-     (("estimator=hizoo", "estimator.n=2"), 5),
-     (("experiments=ti", "model=tiny"), 1), (("method=gfti", "method.population=5", "train.checkpoint_every=0"), 5)],
-)  # fmt: skip
+    [
+        ((), 3),
+        (("estimator=spsa",), 4),
+        (("estimator=one_point",), 3),
+        (("estimator=antithetic",), 3),
+        (("estimator=guided", "estimator.k=2"), 3),
+        (("estimator=hizoo",), 3),
+        (("estimator=prgf",), 3),
+        (("estimator=hizoo", "estimator.n=2"), 5),
+        (("experiments=ti", "model=tiny"), 1),
+        (("method=gfti", "method.population=5", "train.checkpoint_every=0"), 5),
+    ],
+)
 def test_forward_passes_per_step_are_the_registrys(tmp_path, overrides, expected):
     cfg = compose_train("data=planted", "train.steps=2", "eval.enabled=false", *overrides)
     metrics = run(cfg, tmp_path)
@@ -46,8 +54,14 @@ def test_forward_passes_per_step_are_the_registrys(tmp_path, overrides, expected
 
 def test_gfti_runs_forward_only_on_the_quantized_model(tmp_path):
     """The issue's check, with population 6: forward_passes = population x steps, the token moves, INT8 weights."""
-    cfg = compose_train("data=planted", "method=gfti", "method.population=6", "train.steps=20",
-                        "train.checkpoint_every=0", "eval.enabled=false")  # fmt: skip
+    cfg = compose_train(
+        "data=planted",
+        "method=gfti",
+        "method.population=6",
+        "train.steps=20",
+        "train.checkpoint_every=0",
+        "eval.enabled=false",
+    )
     metrics = run(cfg, tmp_path)
     assert metrics["status"] == "completed" and metrics["forward_passes"] == 6 * 20
     assert metrics["weights_by_component"]["unet"] == "int8"
@@ -65,11 +79,18 @@ def test_gfti_preempted_then_resumed_equals_a_straight_run(tmp_path, monkeypatch
 
     from safetensors.torch import load_file
 
-    from zoodip.checkpoint import load_checkpoint
-    from zoodip.preemption import Preempted
+    from zoodip.runtime.checkpoint import load_checkpoint
+    from zoodip.runtime.preemption import Preempted
 
-    common = ["data=planted", "data.eval_points=2", "method=gfti", "method.population=6", "method.intrinsic_dim=16",
-              "train.steps=6", "eval.enabled=false"]  # fmt: skip
+    common = [
+        "data=planted",
+        "data.eval_points=2",
+        "method=gfti",
+        "method.population=6",
+        "method.intrinsic_dim=16",
+        "train.steps=6",
+        "eval.enabled=false",
+    ]
     assert validate(compose_train(*common)) is None  # the default train.checkpoint_every is allowed
     straight = run(compose_train(*common), tmp_path / "straight")
     real, calls = CMAES.step, []
@@ -231,7 +252,7 @@ def test_caption_files_beside_the_images(tmp_path):
 
 def test_templates_instead_of_captions_warn(tmp_path, subject_dir, caplog):
     cfg = compose_train(f"data.path={subject_dir}", "data.subject=dog6", "train.steps=1", "eval.enabled=false")
-    with caplog.at_level(logging.WARNING, logger="zoodip.train"):
+    with caplog.at_level(logging.WARNING, logger="zoodip.runtime.train"):
         run(cfg, tmp_path)
     assert sum("comprehensive captions" in r.message for r in caplog.records) == 1
 
@@ -250,13 +271,21 @@ def test_flip_draws_the_mirrored_latents_and_flip_p_0_keeps_the_old_stream():
 
 def test_bench_times_zoodip_trains_step(monkeypatch):
     """zoodip-bench calls train.training_step, with the model's own mu, lr and PUTS range."""
-    from zoodip import bench
+    from zoodip.tools import bench
 
     calls = []
     real = train_mod.training_step
     monkeypatch.setattr(train_mod, "training_step", lambda *a, **k: calls.append(a[-2]) or real(*a, **k))
-    spec = {"arch": "tiny", "device": "cpu", "steps": 2, "warmup": 1, "resolution": 64, "seed": 0,
-            "cpu_memory": "fast", "run_steps": 10}  # fmt: skip
+    spec = {
+        "arch": "tiny",
+        "device": "cpu",
+        "steps": 2,
+        "warmup": 1,
+        "resolution": 64,
+        "seed": 0,
+        "cpu_memory": "fast",
+        "run_steps": 10,
+    }
     result = bench.measure("zoodip", spec)
     assert calls == [1, 2, 3] and result["forward_passes_per_iter"] == 3
     assert result["hyperparameters"] == {"mu": 1e-3, "lr": 5e-3, "optimizer": "adam", "puts": "puts"}
@@ -267,24 +296,63 @@ def test_bench_times_zoodip_trains_step(monkeypatch):
 @pytest.mark.parametrize(
     ("preset", "expected"),
     [
-        ("zoodip_sd15", {"model.arch": "sd15", "quantization.weights": "int8", "method.name": "rge",
-                         "estimator.mu": 1e-3,
-                         "optimizer.lr": 5e-3, "sg.tau": 128, "sg.nu": 1e-3, "puts.t_low": 500, "puts.t_high": 900,
-                         "train.steps": 30000}),
+        (
+            "zoodip_sd15",
+            {
+                "model.arch": "sd15",
+                "quantization.weights": "int8",
+                "method.name": "rge",
+                "estimator.mu": 1e-3,
+                "optimizer.lr": 5e-3,
+                "sg.tau": 128,
+                "sg.nu": 1e-3,
+                "puts.t_low": 500,
+                "puts.t_high": 900,
+                "train.steps": 30000,
+            },
+        ),
         ("zoodip_sd21", {"model.arch": "sd21", "estimator.mu": 1e-2, "optimizer.lr": 1e-2, "train.steps": 30000}),
         ("zoodip_sdxl", {"model.arch": "sdxl", "estimator.mu": 1e-2, "puts.t_low": 700, "train.steps": 20000}),
-        ("zoodip_int4", {"quantization.weights": "int4", "quantization.others": "int8", "estimator.mu": 1e-2,
-                         "model.dtype": "bf16"}),
-        ("ti_sd15", {"model.arch": "sd15", "method.name": "backprop", "quantization.weights": "none",
-                     "optimizer.name": "adamw", "optimizer.weight_decay": 1e-2, "optimizer.lr": 5e-3,
-                     "train.steps": 5000, "puts.kind": "uniform"}),
+        (
+            "zoodip_int4",
+            {
+                "quantization.weights": "int4",
+                "quantization.others": "int8",
+                "estimator.mu": 1e-2,
+                "model.dtype": "bf16",
+            },
+        ),
+        (
+            "ti_sd15",
+            {
+                "model.arch": "sd15",
+                "method.name": "backprop",
+                "quantization.weights": "none",
+                "optimizer.name": "adamw",
+                "optimizer.weight_decay": 1e-2,
+                "optimizer.lr": 5e-3,
+                "train.steps": 5000,
+                "puts.kind": "uniform",
+            },
+        ),
         ("ti_sd21", {"model.arch": "sd21", "optimizer.lr": 5e-3, "train.steps": 5000}),
         ("ti_sdxl", {"model.arch": "sdxl", "train.steps": 5000, "method.name": "backprop"}),
-        ("gfti_sd15", {"model.arch": "sd15", "method.name": "gfti", "method.intrinsic_dim": 256, "method.sigma": 1.0,
-                       "method.alpha": 1.0, "method.population": 30, "train.steps": 13000, "puts.kind": "uniform",
-                       "quantization.weights": "int8"}),
+        (
+            "gfti_sd15",
+            {
+                "model.arch": "sd15",
+                "method.name": "gfti",
+                "method.intrinsic_dim": 256,
+                "method.sigma": 1.0,
+                "method.alpha": 1.0,
+                "method.population": 30,
+                "train.steps": 13000,
+                "puts.kind": "uniform",
+                "quantization.weights": "int8",
+            },
+        ),
     ],
-)  # fmt: skip
+)
 def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
     from omegaconf import OmegaConf
 
@@ -322,7 +390,7 @@ def test_validate_alone_types_puts_before_comparing(bad):
 
 def test_learning_rate_schedules_by_hand():
     """constant: lr at every step; cosine: lr (1 + cos(pi (step - 1) / steps)) / 2, by hand for 4 steps."""
-    from zoodip.methods import learning_rate
+    from zoodip.method.methods import learning_rate
 
     assert [learning_rate(0.1, "constant", s, 4) for s in (1, 4)] == [0.1, 0.1]
     # steps 1..4 of 4: cos(0) = 1, cos(pi/4) = 0.7071, cos(pi/2) = 0, cos(3 pi/4) = -0.7071
@@ -335,10 +403,19 @@ def test_cosine_schedule_is_what_the_optimizer_used(tmp_path):
     train.forward_budget sets (here 12 // 3 = 4 steps)."""
     import pandas as pd
 
-    from zoodip.methods import learning_rate
+    from zoodip.method.methods import learning_rate
 
-    run(compose_train("data=planted", "optimizer.schedule=cosine", "train.forward_budget=12", "train.log_every=1",
-                      "optimizer.lr=0.1", "eval.enabled=false"), tmp_path)  # fmt: skip
+    run(
+        compose_train(
+            "data=planted",
+            "optimizer.schedule=cosine",
+            "train.forward_budget=12",
+            "train.log_every=1",
+            "optimizer.lr=0.1",
+            "eval.enabled=false",
+        ),
+        tmp_path,
+    )
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["lr"].tolist() == pytest.approx([learning_rate(0.1, "cosine", s, 4) for s in (1, 2, 3, 4)])
 
@@ -348,9 +425,9 @@ def test_cosine_schedule_resumes_bit_identical(tmp_path, monkeypatch):
     cosine schedule is a function of the step and train.steps, which the resumed run has again."""
     from safetensors.torch import load_file
 
-    import zoodip.preemption
-    from zoodip.methods import GradientMethod
-    from zoodip.preemption import Preempted
+    import zoodip.runtime.preemption
+    from zoodip.method.methods import GradientMethod
+    from zoodip.runtime.preemption import Preempted
 
     common = ["data=planted", "optimizer.schedule=cosine", "train.steps=9", "eval.enabled=false"]
     run(compose_train(*common), tmp_path / "straight")
@@ -361,7 +438,7 @@ def test_cosine_schedule_resumes_bit_identical(tmp_path, monkeypatch):
         return real_step(self, loss_fn, k)
 
     monkeypatch.setattr(GradientMethod, "step", step)
-    monkeypatch.setattr(zoodip.preemption, "requested", lambda: 15 if stop_after["step"] == 5 else None)
+    monkeypatch.setattr(zoodip.runtime.preemption, "requested", lambda: 15 if stop_after["step"] == 5 else None)
     with pytest.raises(Preempted):
         run(compose_train(*common), tmp_path / "resumed")
     monkeypatch.undo()

@@ -6,12 +6,12 @@ import math
 
 from PIL import Image
 
-from zoodip.evaluate import evaluate_run
-from zoodip.pictures import reference_grid, write_run_pictures
+from zoodip.analysis.pictures import reference_grid, write_run_pictures
+from zoodip.evaluation.evaluate import evaluate_run
 
 
 class Recorder:
-    """Stands in for zoodip.tracking.Tracker: records what would go to W&B."""
+    """Stands in for zoodip.runtime.tracking.Tracker: records what would go to W&B."""
 
     def __init__(self) -> None:
         self.logged: list[tuple[str, int]] = []

@@ -10,8 +10,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from tests.conftest import same_weights
 from zoodip import CONF_DIR
 from zoodip.errors import ZoodipError
-from zoodip.models import _safetensors_shards, build_unet, load_components, set_cpu_memory
-from zoodip.quantize import (
+from zoodip.models.loading import _safetensors_shards, build_unet, load_components, set_cpu_memory
+from zoodip.models.quantize import (
     count_quantized,
     dequantized_copy_bytes,
     keep_dequantized_copies,
@@ -148,19 +148,33 @@ def test_a_kept_dequantized_copy_gives_the_same_bits_once():
 def test_loaded_models_keep_copies_when_they_are_small(tiny_pipeline_dir, setting, kept):
     """quantization.dequantized_copy: null keeps copies for a model as small as the tiny one; false never does; the
     training losses are the same bits either way."""
-    parts = load_components("tiny", "pretrained", str(tiny_pipeline_dir), torch.float32, torch.device("cpu"), "int8",
-                            dequantized_copy=setting)  # fmt: skip
+    parts = load_components(
+        "tiny",
+        "pretrained",
+        str(tiny_pipeline_dir),
+        torch.float32,
+        torch.device("cpu"),
+        "int8",
+        dequantized_copy=setting,
+    )
     layers = [m for m in parts.unet.modules() if hasattr(m, "_quanto_forward")]
     assert layers and all(hasattr(m, "_dequantized_copies") == kept for m in layers)
 
 
 def test_dequantized_copies_change_no_loss(tiny_pipeline_dir):
-    from zoodip.objective import Objective, TextConditioner
+    from zoodip.method.objective import Objective, TextConditioner
 
     losses = []
     for setting in (False, True):
-        parts = load_components("tiny", "pretrained", str(tiny_pipeline_dir), torch.float32, torch.device("cpu"),
-                                "int8", dequantized_copy=setting)  # fmt: skip
+        parts = load_components(
+            "tiny",
+            "pretrained",
+            str(tiny_pipeline_dir),
+            torch.float32,
+            torch.device("cpu"),
+            "int8",
+            dequantized_copy=setting,
+        )
         text = TextConditioner(parts, "<tok>", "dog", 1)
         objective = Objective(parts, text, batched=True)
         g = torch.Generator().manual_seed(0)
@@ -197,8 +211,9 @@ def test_quantized_unet_streams_from_safetensors_like_from_pretrained(tiny_pipel
     folder = tiny_pipeline_dir / "unet"
     reference = UNet2DConditionModel.from_pretrained(folder)
     quantize_weights(reference, "int8")
-    streamed = build_unet(UNet2DConditionModel.load_config(folder), torch.float32, "int8",
-                                    weights=_safetensors_shards(folder))  # fmt: skip
+    streamed = build_unet(
+        UNet2DConditionModel.load_config(folder), torch.float32, "int8", weights=_safetensors_shards(folder)
+    )
     ref_state, state = reference.state_dict(), streamed.state_dict()
     assert list(state) == list(ref_state)
     for key, value in ref_state.items():
@@ -237,7 +252,7 @@ def test_lean_cpu_heap_returns_large_blocks_at_once():
     where glibc's default keeps them in the heap (fast)."""
     code = (
         "import sys, torch\n"
-        "from zoodip.models import set_cpu_memory\n"
+        "from zoodip.models.loading import set_cpu_memory\n"
         "def rss():\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
         "assert set_cpu_memory(sys.argv[1]) == (sys.argv[1] == 'lean')\n"
@@ -250,8 +265,14 @@ def test_lean_cpu_heap_returns_large_blocks_at_once():
     import subprocess
     import sys
 
-    grown = {m: int(subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, check=True)
-                    .stdout.split()[-1]) for m in ("lean", "fast")}  # fmt: skip
+    grown = {
+        m: int(
+            subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True, check=True).stdout.split()[
+                -1
+            ]
+        )
+        for m in ("lean", "fast")
+    }
     assert grown["lean"] < 4 and grown["fast"] >= 16, grown  # lean unmapped the 20 MiB on free; fast kept it
     with pytest.raises(ZoodipError, match="cpu_memory must be one of"):
         set_cpu_memory("small")

@@ -17,16 +17,17 @@ import torch
 from conftest import compose_train
 from safetensors.torch import load_file
 
-from zoodip import __version__, preemption
-from zoodip.checkpoint import check_resumable, load_checkpoint, math_differences, run_config
+from zoodip import __version__
 from zoodip.errors import ZoodipError
-from zoodip.health import Health
 from zoodip.io import read_json
-from zoodip.methods import GRADIENT_ESTIMATORS
-from zoodip.preemption import EXIT_PREEMPTED, Preempted
-from zoodip.runlock import LOCK_FILE, run_lock
-from zoodip.tracking import Tracker
-from zoodip.train import run
+from zoodip.method.methods import GRADIENT_ESTIMATORS
+from zoodip.runtime import preemption
+from zoodip.runtime.checkpoint import check_resumable, load_checkpoint, math_differences, run_config
+from zoodip.runtime.health import Health
+from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
+from zoodip.runtime.runlock import LOCK_FILE, run_lock
+from zoodip.runtime.tracking import Tracker
+from zoodip.runtime.train import run
 
 # The only checkpoint: the preemption's. Few planted eval points: fast.
 COMMON = ["data=planted", "data.eval_points=2", "train.steps=8", "train.checkpoint_every=0"]
@@ -72,7 +73,7 @@ def kill_self(signum: int):
 def test_each_signal_finishes_the_step_checkpoints_and_the_resumed_run_is_identical(tmp_path, monkeypatch, straight):
     """SIGTERM while the model loads (before step 1), then SIGTERM, SIGINT and SIGUSR2 inside steps 2, 4 and 6, each
     followed by train.resume=auto (the default): the token ends bit-identical to an uninterrupted run's."""
-    import zoodip.train as train_module
+    import zoodip.runtime.train as train_module
 
     real_setup = train_module.setup
 
@@ -159,12 +160,12 @@ def test_a_second_run_on_a_live_run_folder_is_refused(tmp_path):
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     (tmp_path / LOCK_FILE).write_text("pid 999999 on elsewhere since 2020-01-01T00:00:00\n")
-    with caplog.at_level(logging.WARNING, logger="zoodip.runlock"), run_lock(tmp_path) as path:
+    with caplog.at_level(logging.WARNING, logger="zoodip.runtime.runlock"), run_lock(tmp_path) as path:
         assert path.read_text().startswith(f"pid {os.getpid()} ")
     assert "its holder (pid 999999 on elsewhere" in caplog.text and "no longer running" in caplog.text
     assert path.read_text() == ""  # released: nothing to take over next time
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="zoodip.runlock"), run_lock(tmp_path):
+    with caplog.at_level(logging.WARNING, logger="zoodip.runtime.runlock"), run_lock(tmp_path):
         pass
     assert not caplog.records
 
@@ -207,11 +208,18 @@ def test_a_checkpoint_records_its_config_and_version(finished):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("estimator.n=3", "estimator.n"), ("model=toyworld", "model.arch"), ("sg=off", "sg.enabled"),
-     ("quantization=int4", "quantization.weights"), ("puts.t_low=600", "puts.t_low"),
-     ("optimizer.lr=0.1", "optimizer.lr"), ("data.planted_rank=2", "data.planted_rank"),
-     ("train.seed=1", "train.seed"), ("estimator=spsa", "estimator.name")],
-)  # fmt: skip
+    [
+        ("estimator.n=3", "estimator.n"),
+        ("model=toyworld", "model.arch"),
+        ("sg=off", "sg.enabled"),
+        ("quantization=int4", "quantization.weights"),
+        ("puts.t_low=600", "puts.t_low"),
+        ("optimizer.lr=0.1", "optimizer.lr"),
+        ("data.planted_rank=2", "data.planted_rank"),
+        ("train.seed=1", "train.seed"),
+        ("estimator=spsa", "estimator.name"),
+    ],
+)
 def test_resuming_under_other_math_is_refused_naming_the_keys(finished, override, key):
     record = finished / "checkpoints" / "last.json"
     cfg = compose_train(*COMMON, "train.steps=8", override)
@@ -223,10 +231,15 @@ def test_resuming_under_other_math_is_refused_naming_the_keys(finished, override
 
 @pytest.mark.parametrize(
     "overrides",
-    [("train.steps=9",), ("model.steps=9",), ("logger=wandb",), ("eval.every=5", "eval.enabled=true"),
-     ("train.progress=true", "train.log_every=2", "train.save_every=3", "train.checkpoint_every=5"),
-     ("train.max_nonfinite=3", "train.max_bad_steps=1", "train.device=cpu", "hydra.job.name=x")],
-)  # fmt: skip
+    [
+        ("train.steps=9",),
+        ("model.steps=9",),
+        ("logger=wandb",),
+        ("eval.every=5", "eval.enabled=true"),
+        ("train.progress=true", "train.log_every=2", "train.save_every=3", "train.checkpoint_every=5"),
+        ("train.max_nonfinite=3", "train.max_bad_steps=1", "train.device=cpu", "hydra.job.name=x"),
+    ],
+)
 def test_steps_up_logging_eval_and_progress_may_change(finished, overrides):
     record = finished / "checkpoints" / "last.json"
     check_resumable(record, compose_train(*COMMON, *[o for o in overrides if not o.startswith("hydra")]))
@@ -267,7 +280,7 @@ def test_a_checkpoint_of_an_older_zoodip_without_a_config_still_resumes(finished
     content = json.loads(record.read_text())
     del content["state"]["config"], content["state"]["zoodip_version"]
     record.write_text(json.dumps(content))
-    with caplog.at_level(logging.WARNING, logger="zoodip.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="zoodip.runtime.checkpoint"):
         check_resumable(record, compose_train(*COMMON, "estimator.n=3"))
     assert "records no config" in caplog.text
     assert load_checkpoint(record).config is None
@@ -347,7 +360,7 @@ def test_tracker_warn_logs_a_metric_and_alerts_online(caplog):
     for mode, alerts in (("offline", 0), ("online", 1)):
         tracker = Tracker.__new__(Tracker)
         tracker.run = Run(mode)
-        with caplog.at_level(logging.WARNING, logger="zoodip.tracking"):
+        with caplog.at_level(logging.WARNING, logger="zoodip.runtime.tracking"):
             tracker.warn("divergence", "the loss may be diverging", step=7)
         assert tracker.run.calls[0] == ("log", {"warnings/divergence": 1}, 7)
         assert sum(c[0] == "alert" for c in tracker.run.calls) == alerts

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from zoodip.report import build_report, grid_table, load_runs, main, paired_difference, paired_summary
+from zoodip.analysis.report import build_report, grid_table, load_runs, main, paired_difference, paired_summary
 
 
 def make_job(root: Path, name: str, overrides: dict, train: dict | None = None, evals: dict | None = None) -> Path:
@@ -90,8 +90,15 @@ def test_grid_heatmap_table_and_best(grid2x2: Path) -> None:
     assert summary["swept"] == ["estimator.mu", "optimizer.lr"] and summary["metrics"] == ["clip_i", "dino_inter"]
     assert summary["best"]["clip_i"]["params"] == {"estimator.mu": 0.01, "optimizer.lr": 0.005}
     assert summary["best"]["dino_inter"]["params"] == {"estimator.mu": 0.001, "optimizer.lr": 0.001}
-    assert summary["counts"] == {"total": 4, "completed": 4, "failed": 0, "preempted": 0, "interrupted": 0,
-                                 "running": 0, "missing": 0}  # fmt: skip
+    assert summary["counts"] == {
+        "total": 4,
+        "completed": 4,
+        "failed": 0,
+        "preempted": 0,
+        "interrupted": 0,
+        "running": 0,
+        "missing": 0,
+    }
 
 
 def test_failed_and_missing_jobs(grid2x2: Path) -> None:
@@ -244,7 +251,7 @@ def test_cli(grid2x2: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 
 def test_cli_subprocess_bad_dir(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "zoodip.report", str(tmp_path / "missing"), "logger=none"]
+    cmd = [sys.executable, "-m", "zoodip.analysis.report", str(tmp_path / "missing"), "logger=none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from zoodip.errors import ZoodipError
-from zoodip.prompts import (
+from zoodip.data.prompts import (
     LIVING_PROMPTS,
     OBJECT_PROMPTS,
     eval_prompts,
@@ -23,7 +22,8 @@ from zoodip.prompts import (
     subject_info,
     text_prompts,
 )
-from zoodip.scoring import (
+from zoodip.errors import ZoodipError
+from zoodip.evaluation.scoring import (
     ClipScorer,
     DinoScorer,
     clip_i,
@@ -282,7 +282,7 @@ def test_hub_ids_load_from_the_local_cache_offline(tiny, tmp_path):
         (root / "refs" / "main").write_text("0" * 40)
         shutil.copytree(tiny[name], root / "snapshots" / ("0" * 40))
     script = textwrap.dedent("""
-        from zoodip.scoring import ClipScorer, DinoScorer
+        from zoodip.evaluation.scoring import ClipScorer, DinoScorer
         print(ClipScorer("zoodip-test/clip").embed_texts(["a dog"]).shape[-1])
         print(DinoScorer("zoodip-test/dino").model.config.hidden_size)
         print(ClipScorer(backend="open_clip", open_clip_model="hf-hub:zoodip-test/oc").embed_texts(["a dog"]).shape[-1])

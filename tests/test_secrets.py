@@ -28,12 +28,23 @@ def zoodip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_no_credential_from_the_environment_reaches_any_output(tmp_path):
     sweep = tmp_path / "sweep"
-    train = zoodip("zoodip.train", "-m", "experiments=toyworld", "data.subject=red_circle", "model.steps=4",
-                   "eval.enabled=true", "eval.images_per_prompt=1", "eval.num_inference_steps=2",
-                   "logger=wandb", "logger.mode=offline", "train.progress=false", f"hydra.sweep.dir={sweep}",
-                   cwd=tmp_path)  # fmt: skip
+    train = zoodip(
+        "zoodip.runtime.train",
+        "-m",
+        "experiments=toyworld",
+        "data.subject=red_circle",
+        "model.steps=4",
+        "eval.enabled=true",
+        "eval.images_per_prompt=1",
+        "eval.num_inference_steps=2",
+        "logger=wandb",
+        "logger.mode=offline",
+        "train.progress=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
-    report = zoodip("zoodip.report", str(sweep), "logger.mode=offline", cwd=tmp_path)
+    report = zoodip("zoodip.analysis.report", str(sweep), "logger.mode=offline", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "metrics.json" for p in files) and any("offline-run-" in str(p) for p in files)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoodip import stepbench
+from zoodip.tools import stepbench
 
 
 @pytest.mark.parametrize("inference", [True, False])
@@ -47,13 +47,33 @@ def test_plan_and_table():
         {"label": "zoodip", "threads": 1, "status": "completed", "ms": 20.0},
         {"label": "baseline zoodip", "threads": 1, "status": "completed", "ms": 50.0},
         {"label": "ti", "threads": 1, "status": "failed", "error": "RuntimeError: boom"},
-        {"label": "floor", "threads": 1, "status": "completed", "product_flops": 1e9, "counted_flops": 9e8,
-         "products": 10, "floor_ms": 10.0, "floor_gflops": 100.0},
-        {"label": "eval", "threads": 1, "status": "completed", "seconds": 10.0, "generation_seconds": 9.0,
-         "images": 70},
-        {"label": "baseline eval", "threads": 1, "status": "completed", "seconds": 20.0, "generation_seconds": 19.0,
-         "images": 70},
-    ]  # fmt: skip
+        {
+            "label": "floor",
+            "threads": 1,
+            "status": "completed",
+            "product_flops": 1e9,
+            "counted_flops": 9e8,
+            "products": 10,
+            "floor_ms": 10.0,
+            "floor_gflops": 100.0,
+        },
+        {
+            "label": "eval",
+            "threads": 1,
+            "status": "completed",
+            "seconds": 10.0,
+            "generation_seconds": 9.0,
+            "images": 70,
+        },
+        {
+            "label": "baseline eval",
+            "threads": 1,
+            "status": "completed",
+            "seconds": 20.0,
+            "generation_seconds": 19.0,
+            "images": 70,
+        },
+    ]
     table = stepbench.markdown(rows, {"cpu": "test cpu", "cores": 2, "torch": "x"})
     assert "| zoodip | 20.00 | 50.0 | 50.0 | 50 | 2.50x | 3.00x |" in table  # 1 GFLOP in 20 ms; floor 10 of 20 ms
     assert "| ti | failed: RuntimeError: boom |" in table
@@ -62,8 +82,14 @@ def test_plan_and_table():
 
 def run_step_table(tmp_path, *settings: str) -> tuple[subprocess.CompletedProcess, dict]:
     every = ["threads=[1]", "steps=2", "warmup=1", "eval=false", "variants=[zoodip]", "profile=[]", *settings]
-    cmd = [sys.executable, "-m", "zoodip.bench", "model=toyworld", *[f"bench.step.{s}" for s in every],
-           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoodip.tools.bench",
+        "model=toyworld",
+        *[f"bench.step.{s}" for s in every],
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -104,6 +130,6 @@ def test_the_step_table_times_a_baseline_checkout_and_profiles(tmp_path):
 )
 def test_bad_step_table_settings_are_one_sentence(tmp_path, override, message):
     model = [] if override.startswith("model=") else ["model=toyworld"]
-    cmd = [sys.executable, "-m", "zoodip.bench", *model, *override.split(), f"hydra.run.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "zoodip.tools.bench", *model, *override.split(), f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from zoodip import study
+from zoodip.analysis import study
 
 TINY = [
     "model=tiny",

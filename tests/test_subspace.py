@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from zoodip.subspace import SubspaceGradient, project_out, subspace_projector
+from zoodip.method.subspace import SubspaceGradient, project_out, subspace_projector
 
 
 def by_hand(buffer: np.ndarray, nu: float):

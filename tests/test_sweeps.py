@@ -44,10 +44,19 @@ def test_sweep_sizes_match_the_paper():
     sizes = {name: len(expand(compose_sweep(name))) for name in SWEEPS}
     # S4-S7 sweep the paper's two subjects (dog6, shiny_sneaker) beside their grid (S2); compare_methods:
     # the six toy-world subjects x 3 seeds x 5 estimators
-    assert sizes == {"fig7_tl_tu": 55, "subjects": 30, "table3_sg_puts": 4, "table4_tau_nu": 20,
-                     "table5_timesteps": 3, "tableS4_estimators": 2 * 3, "tableS5_mu": 2 * 3, "tableS6_n": 2 * 4,
-                     "tableS7_puts_ti": 2 * 2, "tableS8_precision": 2,
-                     "compare_methods": 6 * 3 * 5}  # fmt: skip
+    assert sizes == {
+        "fig7_tl_tu": 55,
+        "subjects": 30,
+        "table3_sg_puts": 4,
+        "table4_tau_nu": 20,
+        "table5_timesteps": 3,
+        "tableS4_estimators": 2 * 3,
+        "tableS5_mu": 2 * 3,
+        "tableS6_n": 2 * 4,
+        "tableS7_puts_ti": 2 * 2,
+        "tableS8_precision": 2,
+        "compare_methods": 6 * 3 * 5,
+    }
 
 
 def test_fig7_launches_exactly_the_valid_pairs():
@@ -72,8 +81,15 @@ def zoodip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = ["zoodip.train", "-m", *TINY_JOB, "puts.t_low=500,600", "puts.t_high=550,900",
-            "logger.group=${zoodip_group:adhoc}", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    args = [
+        "zoodip.runtime.train",
+        "-m",
+        *TINY_JOB,
+        "puts.t_low=500,600",
+        "puts.t_high=550,900",
+        "logger.group=${zoodip_group:adhoc}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     result = zoodip(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     statuses = {}
@@ -93,7 +109,7 @@ def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
     assert rerun.returncode == 0 and "already completed" in rerun.stdout + rerun.stderr
     assert {p: p.stat().st_mtime for p in before} == before
 
-    report = zoodip("zoodip.report", str(sweep_dir), "logger=none", cwd=tmp_path)
+    report = zoodip("zoodip.analysis.report", str(sweep_dir), "logger=none", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     runs = pd.read_csv(sweep_dir / "report" / "runs.csv")
     assert len(runs) == 4 and (runs.status == "failed").sum() == 1
@@ -106,8 +122,15 @@ def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
 @pytest.mark.slow  # heavy end to end: kept out of make test
 def test_sweep_file_through_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = zoodip("zoodip.train", "sweeps=tableS8_precision", "hydra/launcher=submitit_local", *TINY_JOB,
-                    "logger=none", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)  # fmt: skip
+    result = zoodip(
+        "zoodip.runtime.train",
+        "sweeps=tableS8_precision",
+        "hydra/launcher=submitit_local",
+        *TINY_JOB,
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 2

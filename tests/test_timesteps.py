@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zoodip.timesteps import TimestepSampler, puts, snr_weights, uniform
+from zoodip.method.timesteps import TimestepSampler, puts, snr_weights, uniform
 
 
 def test_puts_draws_only_inside_tl_tu():

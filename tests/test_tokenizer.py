@@ -1,4 +1,4 @@
-from zoodip.tokenizer import cached_clip_tokenizer, clip_tokenizer
+from zoodip.models.tokenizer import cached_clip_tokenizer, clip_tokenizer
 
 
 def test_clip_tokenizer_matches_sd15_ids():

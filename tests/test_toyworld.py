@@ -12,9 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from zoodip import ROOT, toyworld
+from zoodip import ROOT
 from zoodip.errors import ZoodipError
-from zoodip.make_toyworld import SHIPPED, acceptance_scenes, check, load_world_pipeline, make_toyworld
+from zoodip.toyworld import world as toyworld
+from zoodip.toyworld.make import SHIPPED, acceptance_scenes, check, load_world_pipeline, make_toyworld
 
 GOOD = "orange_cross"
 
@@ -108,18 +109,31 @@ def test_shipped_world_loads_through_diffusers_and_takes_a_token():
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     assert width >= 256
     pipe.load_textual_inversion({"<mine>": torch.randn(1, width) * 0.01}, token="<mine>")
-    out = pipe("a photo of <mine>", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-               height=32, width=32, output_type="np").images  # fmt: skip
+    out = pipe(
+        "a photo of <mine>",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+        output_type="np",
+    ).images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
 
 
 # A reduced acceptance sample: every shape and colour once, on varied backgrounds.
-REDUCED = [toyworld.Scene(s, c, b) for s, c, b in [
-    ("circle", "red", "gray"), ("square", "green", "blue"), ("triangle", "blue", "yellow"),
-    ("star", "yellow", "purple"), ("heart", "purple", "orange"), ("cross", "orange", "green"),
-]]  # fmt: skip
+REDUCED = [
+    toyworld.Scene(s, c, b)
+    for s, c, b in [
+        ("circle", "red", "gray"),
+        ("square", "green", "blue"),
+        ("triangle", "blue", "yellow"),
+        ("star", "yellow", "purple"),
+        ("heart", "purple", "orange"),
+        ("cross", "orange", "green"),
+    ]
+]
 
 
 def test_shipped_world_follows_text_and_a_broken_one_does_not(tmp_path):
@@ -132,7 +146,7 @@ def test_shipped_world_follows_text_and_a_broken_one_does_not(tmp_path):
     table = pipe.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         table.copy_(table[torch.randperm(len(table), generator=torch.Generator().manual_seed(0))])
-    from zoodip.make_toyworld import text_following
+    from zoodip.toyworld.make import text_following
 
     broken = text_following(pipe, toyworld.load_scorer(SHIPPED / "scorer"), REDUCED, 8, progress=False)
     assert broken["all"] < 0.5 and broken["shape"] < 0.8
@@ -157,7 +171,7 @@ def test_make_toyworld_writes_a_complete_world(tmp_path):
 
 
 def test_bad_input_to_the_commands_exits_2(tmp_path):
-    cmd = [sys.executable, "-m", "zoodip.make_toyworld"]
+    cmd = [sys.executable, "-m", "zoodip.toyworld.make"]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     for args in ([str(tmp_path / "full")], ["--check", str(tmp_path)], [str(tmp_path / "new"), "--minutes-scale", "0"]):
@@ -179,9 +193,9 @@ def test_toyworld_configs_compose():
 
 def test_personalization_raises_subject_accuracy_above_the_initializer(tmp_path):
     """A few hundred first-order TI steps on a good subject learn it; the initializer word does not draw it."""
-    from zoodip.demo import initializer_embedding
-    from zoodip.evaluate import evaluate_toyworld, prepare_config
-    from zoodip.train import run
+    from zoodip.evaluation.evaluate import evaluate_toyworld, prepare_config
+    from zoodip.runtime.train import run
+    from zoodip.toyworld.demo import initializer_embedding
 
     cfg = compose_toy("experiments=toyworld_ti", "train.steps=300", "eval.enabled=false", "eval.images_per_prompt=4")
     metrics = run(cfg, tmp_path)
@@ -205,7 +219,7 @@ def test_a_retrained_world_passes_the_acceptance_figures(tmp_path):
 
 
 def test_demo_trains_evaluates_before_and_after_and_draws_the_picture(tmp_path, capsys):
-    from zoodip.demo import demo
+    from zoodip.toyworld.demo import demo
 
     cfg = compose_toy("experiments=demo", "train.steps=20", "eval.images_per_prompt=5")
     result = demo(cfg, tmp_path)
@@ -223,9 +237,9 @@ def test_demo_trains_evaluates_before_and_after_and_draws_the_picture(tmp_path, 
 
 def test_validation_during_training_uses_the_scorer():
     """eval.every=K on the toy world: a few fixed-seed images of the live token, judged by the world's scorer."""
-    from zoodip.evaluate import Validator
-    from zoodip.models import load_components
-    from zoodip.objective import TextConditioner
+    from zoodip.evaluation.evaluate import Validator
+    from zoodip.method.objective import TextConditioner
+    from zoodip.models.loading import load_components
 
     cfg = compose_toy("experiments=toyworld", "eval.validation.images_per_prompt=2", "eval.num_inference_steps=3")
     parts = load_components("toyworld", "pretrained", str(SHIPPED), torch.float32, torch.device("cpu"), "int8")
@@ -241,14 +255,21 @@ def test_validation_during_training_uses_the_scorer():
 
 def test_any_folder_of_images_trains_and_evaluates_on_the_toy_world(tmp_path):
     """data=dreambooth data.path=<folder>: the world's templates stand in for captions; eval reads the folder."""
-    from zoodip.train import run
+    from zoodip.runtime.train import run
 
     folder = tmp_path / "mine"
     folder.mkdir()
     for i, image in enumerate(toyworld.subject_images("orange_cross", count=3, seed=5)[0]):
         image.save(folder / f"photo{i}.png")
-    cfg = compose_toy("experiments=toyworld", "data=dreambooth", f"data.path={folder}", "data.subject=orange_cross",
-                        "data.initializer_token=object", "train.steps=4", "eval.images_per_prompt=1")  # fmt: skip
+    cfg = compose_toy(
+        "experiments=toyworld",
+        "data=dreambooth",
+        f"data.path={folder}",
+        "data.subject=orange_cross",
+        "data.initializer_token=object",
+        "train.steps=4",
+        "eval.images_per_prompt=1",
+    )
     assert cfg.data.template == "toyworld" and cfg.data.captions is None
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and 0 <= metrics["eval"]["subject_accuracy"] <= 1
@@ -261,6 +282,7 @@ def test_any_folder_of_images_trains_and_evaluates_on_the_toy_world(tmp_path):
 def test_the_paper_sweeps_compose_on_the_toy_world(sweep):
     preset = "toyworld_ti" if sweep == "tableS7_puts_ti" else "toyworld"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiments={preset}", f"sweeps={sweep}"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            config_name="train", overrides=[f"experiments={preset}", f"sweeps={sweep}"], return_hydra_config=True
+        )
     assert cfg.model.arch == "toyworld" and cfg.eval.kind == "toyworld" and cfg.hydra.sweeper.params

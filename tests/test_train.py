@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from zoodip.errors import ZoodipError
 from zoodip.io import read_json
-from zoodip.methods import GRADIENT_ESTIMATORS
-from zoodip.models import load_components
-from zoodip.objective import Objective, TextConditioner
-from zoodip.train import run
+from zoodip.method.methods import GRADIENT_ESTIMATORS
+from zoodip.method.objective import Objective, TextConditioner
+from zoodip.models.loading import load_components
+from zoodip.runtime.train import run
 
 
 def run_tiny(run_dir: Path, *overrides: str) -> dict:
@@ -32,7 +32,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def toyworld_parts():
-    from zoodip.make_toyworld import SHIPPED
+    from zoodip.toyworld.make import SHIPPED
 
     return load_components("toyworld", "pretrained", str(SHIPPED), torch.float32, torch.device("cpu"), "int8")
 
@@ -97,8 +97,17 @@ def test_dreambooth_run_writes_every_output(tmp_path, subject_dir):
     assert embeds["<dog6>"].dtype == torch.float32
     saved = read_json(tmp_path / "metrics.json")
     assert saved["status"] == "completed" and saved["steps"] == 6
-    for key in ["initial_loss", "final_loss", "wall_seconds", "iters_per_second", "forward_passes",
-                "peak_memory_bytes", "quantized_fraction", "sg_istar_over_tau", "nonfinite_steps"]:  # fmt: skip
+    for key in [
+        "initial_loss",
+        "final_loss",
+        "wall_seconds",
+        "iters_per_second",
+        "forward_passes",
+        "peak_memory_bytes",
+        "quantized_fraction",
+        "sg_istar_over_tau",
+        "nonfinite_steps",
+    ]:
         assert key in saved, key
     assert saved["forward_passes"] == 6 * 3  # RGE with n=2: n + 1 per step
     assert 0 < saved["quantized_fraction"] < 1 and saved["peak_memory_bytes"] > 0
@@ -163,15 +172,22 @@ def test_nonfinite_loss_skips_the_update(tmp_path, subject_dir, monkeypatch):
 def test_embedding_loads_into_diffusers_and_generates(tmp_path, subject_dir, tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
-    run_tiny(tmp_path, f"model.path={tiny_pipeline_dir}", "model.init=pretrained", f"data.path={subject_dir}",
-             "data.subject=dog6", "train.steps=3")  # fmt: skip
+    run_tiny(
+        tmp_path,
+        f"model.path={tiny_pipeline_dir}",
+        "model.init=pretrained",
+        f"data.path={subject_dir}",
+        "data.subject=dog6",
+        "train.steps=3",
+    )
     learned = load_file(tmp_path / "learned_embeds.safetensors")["<dog6>"]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     pipe.load_textual_inversion(tmp_path / "learned_embeds.safetensors")
     token_id = pipe.tokenizer.convert_tokens_to_ids("<dog6>")
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], learned[0])
-    image = pipe("a photo of <dog6>", num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    image = pipe(
+        "a photo of <dog6>", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
 
@@ -190,14 +206,16 @@ def test_sdxl_trains_both_encoders(tmp_path):
 
 @pytest.mark.parametrize("estimator", ["spsa", "one_point"])
 def test_other_estimators_count_their_forward_passes(tmp_path, estimator, subject_dir):
-    metrics = run_tiny(tmp_path, f"estimator={estimator}", f"data.path={subject_dir}", "data.subject=dog6",
-                       "train.steps=2", "sg=off")  # fmt: skip
+    metrics = run_tiny(
+        tmp_path, f"estimator={estimator}", f"data.path={subject_dir}", "data.subject=dog6", "train.steps=2", "sg=off"
+    )
     assert metrics["forward_passes"] == 2 * {"spsa": 4, "one_point": 3}[estimator]
 
 
 def test_first_order_ti_baseline_runs(tmp_path, subject_dir):
-    metrics = run_tiny(tmp_path, "experiments=ti", "model=tiny", f"data.path={subject_dir}", "data.subject=dog6",
-                       "train.steps=3")  # fmt: skip
+    metrics = run_tiny(
+        tmp_path, "experiments=ti", "model=tiny", f"data.path={subject_dir}", "data.subject=dog6", "train.steps=3"
+    )
     assert metrics["quantized_fraction"] == 0.0 and metrics["forward_passes"] == 3
     assert not torch.equal(load_file(tmp_path / "learned_embeds.safetensors")["<dog6>"], torch.zeros(1, 768))
 
@@ -212,8 +230,17 @@ def test_first_order_ti_on_the_planted_task(tmp_path):
 @pytest.mark.slow  # heavy end to end: kept out of make test
 def test_planted_recovery_drives_the_loss_down(tmp_path):
     """The known-answer task: the evaluation loss (fixed points, not one noisy sample) must fall far below 1."""
-    metrics = run_tiny(tmp_path, "data=planted", "train.steps=120", "estimator.n=8", "estimator.batched=true",
-                       "sg=off", "data.planted_scale=3", "data.eval_points=8", "train.checkpoint_every=0")  # fmt: skip
+    metrics = run_tiny(
+        tmp_path,
+        "data=planted",
+        "train.steps=120",
+        "estimator.n=8",
+        "estimator.batched=true",
+        "sg=off",
+        "data.planted_scale=3",
+        "data.eval_points=8",
+        "train.checkpoint_every=0",
+    )
     assert metrics["loss_ratio"] < 0.5, metrics["loss_ratio"]
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
     assert -1 <= metrics["planted_cosine"] <= 1
@@ -223,8 +250,9 @@ def test_comprehensive_captions(tmp_path, subject_dir):
     captions = tmp_path / "cc.json"
     names = sorted(p.name for p in subject_dir.iterdir())
     captions.write_text(json.dumps({"dog6": {n: "a photo of {} lying on grass" for n in names}}))
-    metrics = run_tiny(tmp_path / "run", f"data.path={subject_dir}", "data.subject=dog6", f"data.captions={captions}",
-                       "train.steps=2")  # fmt: skip
+    metrics = run_tiny(
+        tmp_path / "run", f"data.path={subject_dir}", "data.subject=dog6", f"data.captions={captions}", "train.steps=2"
+    )
     assert metrics["status"] == "completed"
     captions.write_text(json.dumps({"dog6": {names[0]: "no placeholder here"}}))
     with pytest.raises(ZoodipError, match="no caption for|no '\\{\\}'"):
@@ -234,11 +262,18 @@ def test_comprehensive_captions(tmp_path, subject_dir):
 def test_tiny_sdxl_folder_trains_and_loads_in_diffusers(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from zoodip.tiny import make_tiny
+    from zoodip.models.tiny import make_tiny
 
     folder = make_tiny(tmp_path / "tiny-sdxl", sdxl=True)
-    run_tiny(tmp_path / "run", "model=tiny_sdxl", "model.init=pretrained", f"model.path={folder}", "data=planted",
-             "train.steps=2", "data.eval_points=1")  # fmt: skip
+    run_tiny(
+        tmp_path / "run",
+        "model=tiny_sdxl",
+        "model.init=pretrained",
+        f"model.path={folder}",
+        "data=planted",
+        "train.steps=2",
+        "data.eval_points=1",
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     first = load_file(tmp_path / "run" / "learned_embeds.safetensors")["<planted>"]
     second = load_file(tmp_path / "run" / "learned_embeds_2.safetensors")["<planted>"]

@@ -1,7 +1,7 @@
 """The config's knobs: types, limits and known keys, checked before anything is loaded or written.
 
 A wrong type, a value past its limit or a key that no config file defines is one sentence naming the key (ZoodipError,
-exit code 2). Cross-key rules (t_low < t_high, a method's needs) stay in zoodip.train.validate.
+exit code 2). Cross-key rules (t_low < t_high, a method's needs) stay in zoodip.runtime.train.validate.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         raise ZoodipError(
             f"unknown config key {unknown}: no zoodip config defines it; check its spelling "
-            f"(python -m zoodip.train --help lists the keys)"
+            f"(python -m zoodip.runtime.train --help lists the keys)"
         )
     for key, knob in KNOBS.items():
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)

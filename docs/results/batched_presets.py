@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from zoodip.io import read_json  # noqa: E402
-from zoodip.report import paired_summary  # noqa: E402
+from zoodip.analysis.report import paired_summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "batched_presets"
 METRICS = ["subject_accuracy", "image_similarity", "prompt_accuracy", "diversity", "final_loss"]
@@ -40,9 +40,17 @@ def record(base: Path, new: Path) -> None:
             if m.get("status") != "completed":
                 continue
             ev = m.get("eval") or {}
-            rows.append({"code": code, "subject": subject, "seed": seed, "steps": m["steps"],
-                         "wall_seconds": round(m["wall_seconds"], 1), "final_loss": m["final_loss"],
-                         **{k: ev.get(k) for k in METRICS if k != "final_loss"}})  # fmt: skip
+            rows.append(
+                {
+                    "code": code,
+                    "subject": subject,
+                    "seed": seed,
+                    "steps": m["steps"],
+                    "wall_seconds": round(m["wall_seconds"], 1),
+                    "final_loss": m["final_loss"],
+                    **{k: ev.get(k) for k in METRICS if k != "final_loss"},
+                }
+            )
             tokens = HERE / "tokens"
             tokens.mkdir(parents=True, exist_ok=True)
             shutil.copy(job / "learned_embeds.safetensors", tokens / f"{code}__{subject}__s{seed}.safetensors")
@@ -55,7 +63,9 @@ def analyse() -> None:
     frame = pd.read_csv(HERE / "runs.csv")
     wide = frame.pivot_table(index=["subject", "seed"], columns="code", values=METRICS).dropna()
     print(f"{len(wide)} pairs (subject, seed)\n")
-    print("| metric | baseline | batched | difference | 95% CI | paired t p | Wilcoxon p | detectable (80%) | verdict |")
+    print(
+        "| metric | baseline | batched | difference | 95% CI | paired t p | Wilcoxon p | detectable (80%) | verdict |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for metric in METRICS:
         base, new = wide[(metric, "baseline")], wide[(metric, "batched")]
@@ -65,12 +75,16 @@ def analyse() -> None:
         if margin is not None:
             inside = -margin < s["ci_low"] and s["ci_high"] < margin
             verdict = f"equivalent within ±{margin}" if inside else f"inconclusive at ±{margin}"
-        print(f"| {metric} | {base.mean():.3f} | {new.mean():.3f} | {s['mean_difference']:+.4f} | "
-              f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | {s['t_test_p']:.2g} | {s['wilcoxon_p']:.2g} | "
-              f"{s['detectable_effect']:.4f} | {verdict} |")  # fmt: skip
+        print(
+            f"| {metric} | {base.mean():.3f} | {new.mean():.3f} | {s['mean_difference']:+.4f} | "
+            f"[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}] | {s['t_test_p']:.2g} | {s['wilcoxon_p']:.2g} | "
+            f"{s['detectable_effect']:.4f} | {verdict} |"
+        )
     wall = frame.groupby("code")["wall_seconds"].agg(["mean", "min", "max"])
-    print("\nwall seconds per run (training): " + "; ".join(
-        f"{code} mean {r['mean']:.0f}, {r['min']:.0f}-{r['max']:.0f}" for code, r in wall.iterrows()))
+    print(
+        "\nwall seconds per run (training): "
+        + "; ".join(f"{code} mean {r['mean']:.0f}, {r['min']:.0f}-{r['max']:.0f}" for code, r in wall.iterrows())
+    )
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
     for ax, metric in zip(axes, ["subject_accuracy", "image_similarity"], strict=True):
         base, new = wide[(metric, "baseline")], wide[(metric, "batched")]

@@ -1,6 +1,6 @@
 """RESULTS.md §4.5: ZOODiP, GF-TI and first-order TI at 3,000 UNet forward passes on red_circle (3 seeds).
 
-    python docs/results/equal_passes.py [OUTPUTS_RESULTS_DIR]   # reads the runs, writes equal_passes.png beside this
+python docs/results/equal_passes.py [OUTPUTS_RESULTS_DIR]   # reads the runs, writes equal_passes.png beside this
 """
 
 from __future__ import annotations

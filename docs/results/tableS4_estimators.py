@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from zoodip.report import paired_summary  # noqa: E402
+from zoodip.analysis.report import paired_summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "tableS4_estimators"
 METRICS = ["subject_accuracy", "image_similarity", "final_loss"]
@@ -40,8 +40,10 @@ def main() -> None:
     frame = pd.read_csv(HERE / "runs.csv")
     wide = frame.pivot_table(index=["subject", "seed"], columns="arm", values=METRICS)
     arms = [a for a in ("one_point", "spsa") if ("subject_accuracy", a) in wide.columns]
-    print("| estimator - RGE | metric | pairs | estimator | RGE | difference | 95% CI | t p | Wilcoxon p | "
-          "detectable (80%) | verdict |")  # fmt: skip
+    print(
+        "| estimator - RGE | metric | pairs | estimator | RGE | difference | 95% CI | t p | Wilcoxon p | "
+        "detectable (80%) | verdict |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arm in arms:
         for metric in METRICS:
@@ -50,9 +52,11 @@ def main() -> None:
                 continue
             mine, ref = pair[(metric, arm)], pair[(metric, "rge")]
             s = paired_summary(mine, ref)
-            print(f"| {arm} | {metric} | {s['pairs']} | {mine.mean():.3f} | {ref.mean():.3f} | "
-                  f"{s['mean_difference']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['t_test_p']:.2g} | "
-                  f"{s['wilcoxon_p']:.2g} | {s['detectable_effect']:.3f} | {verdict(s, metric)} |")  # fmt: skip
+            print(
+                f"| {arm} | {metric} | {s['pairs']} | {mine.mean():.3f} | {ref.mean():.3f} | "
+                f"{s['mean_difference']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['t_test_p']:.2g} | "
+                f"{s['wilcoxon_p']:.2g} | {s['detectable_effect']:.3f} | {verdict(s, metric)} |"
+            )
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, arm in enumerate(["rge", *arms]):
         values = frame[frame["arm"] == arm]["subject_accuracy"]

@@ -1,0 +1,839 @@
+"""zoodip-train: personalize a (quantized) diffusion model with zeroth-order textual inversion (Algorithm 1)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from zoodip import CONF_DIR, __version__
+from zoodip.analysis.pictures import write_run_pictures
+from zoodip.data.dataset import (
+    TEMPLATES,
+    Reference,
+    encode_latents,
+    initializer_word,
+    load_captions,
+    read_caption_files,
+    read_reference_images,
+)
+from zoodip.data.planted import PlantedTask
+from zoodip.errors import EXIT_USAGE, ZoodipError
+from zoodip.evaluation.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
+from zoodip.io import atomic_write, read_json, write_json
+from zoodip.method.estimators import LossFn, backprop
+from zoodip.method.methods import CMAES, METHODS, SCHEDULES, GradientMethod, StepResult, build_method, method_name
+from zoodip.method.objective import Objective, TextConditioner, check_compile
+from zoodip.method.timesteps import SAMPLERS, TimestepSampler
+from zoodip.models.embeddings import write_run_sdxl_embedding
+from zoodip.models.loading import (
+    check_cpu_memory,
+    load_components,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+    set_cpu_memory,
+)
+from zoodip.models.quantize import QUANTIZATIONS, forward_mode, quantized_fraction, weights_by_component
+from zoodip.runtime import preemption
+from zoodip.runtime.checkpoint import (
+    TrainState,
+    check_resumable,
+    check_same_math,
+    load_checkpoint,
+    locate_checkpoint,
+    run_config,
+    save_checkpoint,
+)
+from zoodip.runtime.health import Health
+from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
+from zoodip.runtime.runlock import run_lock
+from zoodip.runtime.tracking import Tracker
+from zoodip.schema import check_config
+
+log = logging.getLogger("zoodip.runtime.train")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad settings before anything heavy is loaded: one sentence naming the key and the fix."""
+    est, sg, puts, opt = cfg.estimator, cfg.sg, cfg.puts, cfg.optimizer
+    name = method_name(cfg)
+    checks = [
+        (name in METHODS, f"method must be one of {', '.join(METHODS)}, got {name!r}"),
+        (isinstance(est.n, int) and est.n >= 1, f"estimator.n must be an integer >= 1, got {est.n!r}"),
+        (float(est.mu) > 0, f"estimator.mu must be > 0, got {est.mu!r}"),
+        (isinstance(sg.tau, int) and sg.tau >= 2, f"sg.tau must be an integer >= 2, got {sg.tau!r}"),
+        (0 < float(sg.nu) < 1, f"sg.nu must be in (0, 1), got {sg.nu!r}"),
+        (puts.kind in SAMPLERS, f"puts must be one of {', '.join(SAMPLERS)}, got {puts.kind!r}"),
+        (opt.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}"),
+        (float(opt.lr) > 0, f"optimizer.lr must be > 0, got {opt.lr!r}"),
+        (
+            opt.get("schedule", "constant") in SCHEDULES,
+            f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.get('schedule')!r}",
+        ),
+        (
+            isinstance(cfg.train.steps, int) and cfg.train.steps >= 1,
+            f"train.steps must be >= 1, got {cfg.train.steps!r}",
+        ),
+        (cfg.quantization.weights in QUANTIZATIONS, f"quantization must be one of {', '.join(QUANTIZATIONS)}"),
+        (cfg.data.kind in ("dreambooth", "planted"), f"data must be dreambooth or planted, got {cfg.data.kind!r}"),
+        (
+            cfg.data.template in TEMPLATES,
+            f"data.template must be one of {', '.join(TEMPLATES)}, got {cfg.data.template!r}",
+        ),
+        (0 <= float(cfg.data.flip_p) <= 1, f"data.flip_p must be in [0, 1], got {cfg.data.flip_p!r}"),
+        (
+            not METHODS.get(name, METHODS["rge"]).autograd
+            or (cfg.quantization.weights, cfg.quantization.get("others")) in (("none", "none"), ("none", None)),
+            "estimator=backprop is the first-order TI baseline through an unquantized model: "
+            "add quantization=none, which also keeps the text encoder and VAE unquantized (or use experiments=ti)",
+        ),
+    ]
+    if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
+        raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
+    if name == "gfti" and opt.get("schedule", "constant") != "constant":
+        raise ZoodipError("optimizer.schedule is the gradient methods' learning rate; method=gfti (CMA-ES) has none")
+    if name == "antithetic":
+        checks.append(
+            (est.n % 2 == 0, f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
+        )
+    if puts.get("stratified"):
+        checks.append(
+            (
+                name in ("spsa", "antithetic") and puts.kind in ("puts", "uniform"),
+                "puts.stratified gives each +/- pair its own timestep, so that common random numbers still hold "
+                f"within a pair: it needs estimator=spsa or antithetic with puts=puts or uniform, not {name} "
+                f"with {puts.kind}",
+            )
+        )
+    if name == "guided":
+        checks.append((isinstance(est.k, int) and est.k >= 1, f"estimator.k must be an integer >= 1, got {est.k!r}"))
+        checks.append((0 < float(est.alpha) <= 1, f"estimator.alpha must be in (0, 1], got {est.alpha!r}"))
+    if name == "gfti":
+        m = cfg.method
+        checks += [
+            (
+                isinstance(m.population, int) and m.population >= 2,
+                f"method.population must be >= 2, got {m.population!r}",
+            ),
+            (
+                isinstance(m.intrinsic_dim, int) and m.intrinsic_dim >= 1,
+                f"method.intrinsic_dim must be an integer >= 1, got {m.intrinsic_dim!r}",
+            ),
+            (float(m.sigma) > 0 and float(m.alpha) > 0, "method.sigma and method.alpha must be > 0"),
+        ]
+    if puts.kind == "puts":
+        low, high = puts.t_low, puts.t_high
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
+        checks.append((integers, "puts.t_low and puts.t_high must be integers"))
+        checks.append(
+            (
+                not integers or 0 <= low < high,
+                f"puts.t_low must satisfy 0 <= t_low < t_high, got t_low={low}, t_high={high}",
+            )
+        )
+    for ok, message in checks:
+        if not ok:
+            raise ZoodipError(message)
+    check_cpu_memory(cfg.train.cpu_memory)
+    check_compile(cfg.train.compile, cfg.quantization.weights)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def save_embeddings(run_dir: Path, text: TextConditioner, theta: torch.Tensor) -> None:
+    """learned_embeds.safetensors ({placeholder: (k, d)}, as diffusers' load_textual_inversion reads it);
+    for SDXL also learned_embeds_2.safetensors for the second text encoder."""
+    for i, rows in enumerate(text.split(theta.detach().float().cpu())):
+        name = "learned_embeds.safetensors" if i == 0 else f"learned_embeds_{i + 1}.safetensors"
+        tensors = {text.placeholder: rows.contiguous()}
+        atomic_write(run_dir / name, lambda tmp, t=tensors: save_file(t, str(tmp)))
+    write_run_sdxl_embedding(run_dir)  # SDXL: also the one-file clip_l / clip_g layout of A1111 and ComfyUI
+
+
+def keep_token(
+    run_dir: Path, text: TextConditioner, theta: torch.Tensor, step: int, forward_passes: int, wall_seconds: float
+) -> None:
+    """tokens/fwd-<forward passes>.safetensors: the flat token at this point of training (train.keep_tokens_every),
+    for curves against forward passes and against training wall time (zoodip-compare, zoodip-study's records)."""
+    tensors = {"theta": theta.detach().float().cpu().contiguous().clone()}
+    meta = {
+        "placeholder": text.placeholder,
+        "step": str(step),
+        "forward_passes": str(forward_passes),
+        "wall_seconds": f"{wall_seconds:.3f}",
+    }
+    path = run_dir / "tokens" / f"fwd-{forward_passes:09d}.safetensors"
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def apply_forward_budget(cfg: DictConfig) -> None:
+    """train.forward_budget: train.steps becomes the budget over the method's forward passes per step (as
+    metrics.json counts them: first-order TI's backward is not counted)."""
+    budget = cfg.train.get("forward_budget")
+    name = method_name(cfg)
+    if budget is None or name not in METHODS:
+        return
+    per_step = METHODS[name].passes(cfg)
+    if budget < per_step:
+        raise ZoodipError(f"train.forward_budget={budget} is less than one step of {name} ({per_step} forward passes)")
+    with open_dict(cfg):
+        cfg.train.steps = int(budget) // per_step
+
+
+def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        return locate_checkpoint(run_dir)
+    path = locate_checkpoint(resume)
+    if path is None:
+        raise ZoodipError(f"train.resume={resume!r}: no checkpoint found at {Path(resume).expanduser()}")
+    return path
+
+
+def window_mean(values: list[float], first: bool) -> float:
+    """Mean of the first (or last) 10% of the per-step losses, between 1 and 100 steps, ignoring NaNs."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return float("nan")
+    w = max(1, min(100, len(finite) // 10))
+    chunk = finite[:w] if first else finite[-w:]
+    return sum(chunk) / len(chunk)
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once by `setup`."""
+
+    parts: Any
+    text: TextConditioner
+    sampler: TimestepSampler
+    data: Reference | PlantedTask
+    objective: Objective
+    theta: torch.nn.Parameter
+    method: GradientMethod | CMAES
+    validator: Validator | None
+    initializer: str
+    quantized_fraction: float
+    weights_by_component: dict[str, str]
+    reference: Objective | None = None  # train.grad_cosine_every: the fp32 unquantized copy for the true gradient
+
+
+def load_training_data(cfg: DictConfig, run_dir: Path) -> tuple[torch.Tensor, list[str], list[str] | None]:
+    """The reference images (oriented, cropped, resized: read before a multi-GB model is loaded), their names and
+    captions; references.png shows exactly what the model is trained on."""
+    d = cfg.data
+    refs = read_reference_images(d.path, int(d.resolution))
+    sheet = image_grid(refs.images, cols=min(5, len(refs.images)))
+    atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    captions = load_captions(d.captions, d.subject, refs.names, refs.entries) or read_caption_files(
+        d.path, refs.names, d.placeholder_token
+    )
+    if captions is None and d.template != "style":
+        log.warning(
+            "training on the %r templates, not captions: the paper trains ZOODiP on comprehensive captions (S1.1); "
+            "set data.captions=<captions.json> or put <image>.txt beside each image",
+            d.template,
+        )
+    return refs.tensor(), refs.names, captions
+
+
+def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
+    """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method."""
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    quant, data_cfg = cfg.quantization.weights, cfg.data
+    if data_cfg.kind == "dreambooth":
+        images, names, captions = load_training_data(cfg, run_dir)
+    initializer, source = initializer_word(cfg)
+    if source == "model.initializer_token" and data_cfg.kind == "dreambooth":
+        log.warning(
+            "data.subject=%s is not a DreamBooth subject and data.initializer_token is not set: the token "
+            "starts from the model's word %r (model.initializer_token); Textual Inversion and the paper start "
+            "from one word of the subject's class: data.initializer_token=<word>",
+            data_cfg.subject,
+            initializer,
+        )
+    log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
+    parts = load_components(
+        cfg.model.arch,
+        cfg.model.init,
+        cfg.model.path,
+        dtype,
+        device,
+        quant,
+        seed=int(cfg.model.seed),
+        others=cfg.quantization.others,
+        dequantized_copy=cfg.quantization.get("dequantized_copy"),
+    )
+    num_t = parts.scheduler.config.num_train_timesteps
+    if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
+        raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
+    components = parts.text_encoders + [parts.unet] + ([parts.vae] if parts.vae is not None else [])
+    frac, weight_types = quantized_fraction(components), weights_by_component(parts)
+
+    text = TextConditioner(
+        parts,
+        data_cfg.placeholder_token,
+        initializer,
+        int(data_cfg.num_vectors),
+        source,
+        suggest=[cfg.model.get("initializer_token")],
+    )
+    sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
+    theta0 = text.initial_theta(data_cfg.get("init_embedding"), bool(data_cfg.get("allow_pickle", False)))
+    if data_cfg.kind == "dreambooth":
+        mean, std = encode_latents(parts.vae, images, device)
+        prompts = [[c] for c in captions] if captions else [TEMPLATES[data_cfg.template]] * len(names)
+        flip_p = float(data_cfg.flip_p)  # the official code's default augmentation (the paper is silent)
+        flipped = encode_latents(parts.vae, images.flip(-1), device) if flip_p > 0 else None
+        data = Reference(mean, std, prompts, flipped, flip_p)
+    else:
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for every SD
+        side = int(data_cfg.resolution) // factor
+        data = PlantedTask(
+            theta0,
+            (parts.unet.config.in_channels, side, side),
+            rank=int(data_cfg.planted_rank),
+            scale=float(data_cfg.planted_scale),
+            num_images=int(data_cfg.num_images),
+            eval_points=int(data_cfg.eval_points),
+            seed=int(data_cfg.seed),
+            sample_timestep=sampler,
+        )
+    parts.release_vae()  # reference latents are encoded: training holds no VAE
+
+    validator = Validator(cfg, parts, text) if int(cfg.eval.every) > 0 else None
+    if cfg.train.compile and device.type == "cpu":
+        log.warning("train.compile=%s on the CPU: measured slower than eager there (BENCHMARKS.md)", cfg.train.compile)
+    objective = Objective(
+        parts, text, bool(cfg.estimator.batched), int(cfg.estimator.max_batch), cfg.train.compile or None
+    )
+    theta = torch.nn.Parameter(theta0.clone())
+    tables = [e.weight for e in text.embeddings]
+    method = build_method(cfg, theta, tables, int(data_cfg.num_vectors))
+    reference = None
+    if int(cfg.train.grad_cosine_every) > 0:  # diagnostics only: a second, fp32 and unquantized, copy of the model
+        exact = load_components(
+            cfg.model.arch,
+            cfg.model.init,
+            cfg.model.path,
+            torch.float32,
+            device,
+            "none",
+            seed=int(cfg.model.seed),
+            others="none",
+        )
+        exact.release_vae()
+        reference_text = TextConditioner(exact, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
+        reference = Objective(exact, reference_text)
+    return Setup(
+        parts, text, sampler, data, objective, theta, method, validator, initializer, frac, weight_types, reference
+    )
+
+
+def per_candidate_losses(
+    objective: Objective, data: Reference | PlantedTask, generator: torch.Generator, t: int
+) -> LossFn:
+    """Each candidate at its own latent, noise and prompt, the timestep shared (GF-TI's own code; CMAES with
+    method.shared_sample=false)."""
+
+    def losses(thetas: torch.Tensor) -> torch.Tensor:
+        out = []
+        for theta in thetas:
+            z0, prompt = data.sample(generator)
+            objective.set_sample(z0, torch.randn(z0.shape, generator=generator), t, prompt)
+            if isinstance(data, PlantedTask):
+                with torch.no_grad():
+                    data.set_target(objective)
+            out.append(objective.losses(theta[None]))
+        return torch.cat(out)
+
+    return losses
+
+
+def training_step(
+    method: GradientMethod | CMAES,
+    objective: Objective,
+    data: Reference | PlantedTask | Any,
+    sampler: TimestepSampler,
+    generator: torch.Generator,
+    step: int,
+    quant: str,
+    stratified: bool = False,
+    reference: Objective | None = None,
+) -> tuple[StepResult, int]:
+    """One iteration of Algorithm 1 (zoodip-bench times this same function): draw (z, y) from the references,
+    t from the sampler (PUTS, Eq. 9), eps ~ N(0, I), shared by every loss of the step (common random numbers);
+    then the method's update of theta.
+
+    `stratified` (puts.stratified): each group of evaluations the estimator marks (its +/- pairs) gets its own t from
+    `sampler.strata`, the rest of the sample shared. `reference` (train.grad_cosine_every): an fp32 unquantized copy
+    whose exact gradient at this step's sample is compared with the method's estimate (grad_cosine, update_cosine)."""
+    z0, prompt = data.sample(generator)
+    t = sampler(generator)
+    noise = torch.randn(z0.shape, generator=generator)
+
+    def context() -> contextlib.AbstractContextManager:
+        return torch.enable_grad() if method.autograd else forward_mode(quant)
+
+    def set_sample(timestep: int) -> None:
+        objective.set_sample(z0, noise, timestep, prompt)
+        if isinstance(data, PlantedTask):  # a constant: no_grad, not inference_mode, since backprop's loss saves it
+            with torch.no_grad():
+                data.set_target(objective)
+
+    with context():
+        set_sample(t)
+    losses = objective.losses if method.shared_sample else per_candidate_losses(objective, data, generator, t)
+
+    def stratified_losses(thetas: torch.Tensor, groups: list[int]) -> torch.Tensor:
+        out = torch.empty(len(groups))
+        for group, timestep in enumerate(sampler.strata(generator, max(groups) + 1)):
+            rows = [i for i, g in enumerate(groups) if g == group]
+            set_sample(timestep)
+            out[rows] = objective.losses(thetas[rows]).float().cpu()
+        return out
+
+    def loss_fn(thetas: torch.Tensor, groups: list[int] | None = None) -> torch.Tensor:
+        with context():  # the model's forwards only: the update runs outside
+            return stratified_losses(thetas, groups) if stratified and groups else losses(thetas)
+
+    true_grad = None
+    if reference is not None:  # before the step changes theta; cloned: autograd cannot save an inference tensor
+        reference.set_sample(z0, noise, t, prompt, target=objective.target.clone())
+        true_grad = backprop(reference.losses, method.theta.detach()).grad
+    result = method.step(loss_fn, step)
+    if true_grad is not None and result.estimate is not None:
+        result.log["grad_cosine"] = float(F.cosine_similarity(result.estimate, true_grad, dim=0))
+        result.log["update_cosine"] = float(F.cosine_similarity(result.applied, true_grad, dim=0))
+    return result, t
+
+
+def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    """Algorithm 1 of the paper, with resumable state. Returns the metrics written to metrics.json."""
+    validate(cfg)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        set_cpu_memory(cfg.train.cpu_memory)
+    s = setup(cfg, run_dir, device)
+    quant, theta, method, objective = cfg.quantization.weights, s.theta, s.method, s.objective
+    planted = s.data if isinstance(s.data, PlantedTask) else None
+    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+
+    history: list[dict[str, Any]] = []
+    start, nonfinite, wall_before, initial_eval = 0, 0, 0.0, None
+    checkpoint = find_checkpoint(cfg.train.resume, run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if state.theta.numel() != theta.numel():
+            raise ZoodipError(
+                f"checkpoint {checkpoint} holds a token of size {state.theta.numel()}, not {theta.numel()}"
+            )
+        with torch.no_grad():
+            theta.copy_(state.theta)
+        method.load_state_dict(
+            {"optimizer": state.optimizer, "sg": state.sg, "estimator": state.estimator, "cma": state.cma}
+        )
+        generator.set_state(state.generator)
+        history, start, nonfinite = state.history, state.step, state.nonfinite
+        wall_before, initial_eval = state.wall_seconds, state.initial_eval_loss
+        objective.forward_passes = state.forward_passes
+        log.info("resumed from %s at step %d", checkpoint, start)
+    if planted is not None and initial_eval is None:
+        with forward_mode(quant):
+            initial_eval = planted.eval_loss(objective, planted.theta0)
+
+    def write_checkpoint(step: int, wall: float) -> None:
+        method_state = method.state_dict()
+        state = TrainState(
+            step=step,
+            theta=theta.detach(),
+            optimizer=method_state["optimizer"],
+            sg=method_state["sg"],
+            generator=generator.get_state(),
+            history=history,
+            nonfinite=nonfinite,
+            wall_seconds=wall,
+            initial_eval_loss=initial_eval,
+            forward_passes=objective.forward_passes,
+            config=run_config(cfg),
+            zoodip_version=__version__,
+            estimator=method_state.get("estimator") or None,
+            cma=method_state.get("cma"),
+        )
+        save_checkpoint(run_dir / "checkpoints", state)
+
+    steps = int(cfg.train.steps)
+    t_start = time.perf_counter()
+    bar = tqdm(
+        range(start + 1, steps + 1),
+        initial=start,
+        total=steps,
+        desc="zoodip",
+        disable=not cfg.train.progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    health = Health(int(cfg.train.max_bad_steps), [r["loss"] for r in history])
+    if preemption.requested():  # a signal while the model loaded: the last checkpoint already holds this state
+        raise Preempted(preemption.requested(), start)
+    stratified, cosine_every = bool(cfg.puts.get("stratified")), int(cfg.train.grad_cosine_every)
+    keep_every = int(cfg.train.keep_tokens_every)
+    if keep_every and start == 0:
+        keep_token(run_dir, s.text, theta, 0, 0, wall_before)
+    for step in bar:
+        reference = s.reference if cosine_every and step % cosine_every == 0 else None
+        passes_before = objective.forward_passes
+        result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant, stratified, reference)
+        crossed = objective.forward_passes // keep_every > passes_before // keep_every if keep_every else False
+        if crossed or (keep_every and step == steps):  # and the final token, wherever the budget ends
+            wall = wall_before + time.perf_counter() - t_start
+            keep_token(run_dir, s.text, theta, step, objective.forward_passes, wall)
+        divergence = health.observe(result.loss if result.finite else float("nan"))
+        if divergence:
+            tracker.warn("divergence", divergence, step)
+        if not result.finite:
+            nonfinite += 1
+            if nonfinite > int(cfg.train.max_nonfinite) or health.failed:
+                save_embeddings(run_dir, s.text, theta)  # non-finite steps skip their update: the last good token
+                too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
+                raise FloatingPointError(health.failed or too_many)
+        row = {
+            "step": step,
+            "forward_passes": objective.forward_passes,
+            "loss": result.loss if result.finite else float("nan"),
+            "timestep": t,
+            **result.log,
+            "token_norm": float(theta.detach().norm()),
+            "peak_memory_bytes": peak_memory_bytes(device),
+        }
+        refreshed = "sg_istar_over_tau" in row or "grad_cosine" in row
+        if step % int(cfg.train.log_every) == 0 or refreshed or step == steps:
+            history.append(row)
+            tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if s.validator is not None and step % int(cfg.eval.every) == 0:  # a few images and a score, to watch
+            val = s.validator(theta.detach())
+            tracker.log(val.metrics, step=step)
+            tracker.log_images("val/images", val.images, val.captions, step=step)
+        if cfg.train.progress:
+            bar.set_postfix(loss=f"{row['loss']:.4g}", mem=f"{row['peak_memory_bytes'] / 2**30:.2f}G", refresh=False)
+        elapsed = wall_before + time.perf_counter() - t_start
+        if cfg.train.save_every and step % int(cfg.train.save_every) == 0:
+            save_embeddings(run_dir, s.text, theta)
+        if cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
+            write_checkpoint(step, elapsed)
+            write_history(run_dir, history)
+        if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
+            write_checkpoint(step, elapsed)
+            write_history(run_dir, history)
+            save_embeddings(run_dir, s.text, theta)
+            raise Preempted(preemption.requested(), step)
+    bar.close()
+    session_seconds = time.perf_counter() - t_start
+    save_embeddings(run_dir, s.text, theta)
+    write_history(run_dir, history)
+    write_run_pictures(run_dir, history, [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r], tracker)
+    metrics = summarize(cfg, s, history, start, nonfinite, wall_before + session_seconds, session_seconds, device)
+    if planted is not None:
+        with forward_mode(quant):
+            final_eval = planted.eval_loss(objective, theta.detach())
+        metrics.update(
+            initial_eval_loss=initial_eval,
+            final_eval_loss=final_eval,
+            loss_ratio=final_eval / initial_eval if initial_eval else None,
+            planted_cosine=planted.cosine(theta.detach()),
+        )
+    return metrics
+
+
+def summarize(
+    cfg: DictConfig,
+    s: Setup,
+    history: list[dict[str, Any]],
+    start: int,
+    nonfinite: int,
+    wall: float,
+    session_seconds: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """metrics.json's training fields."""
+    steps = int(cfg.train.steps)
+    losses = [r["loss"] for r in history]
+    ratios = [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r]
+    passes = s.objective.forward_passes
+    return {
+        "status": "completed",
+        "error": None,
+        "method": method_name(cfg),
+        "steps": steps,
+        "resumed_from_step": start or None,
+        "initial_loss": window_mean(losses, first=True),
+        "final_loss": window_mean(losses, first=False),
+        "wall_seconds": wall,
+        "iters_per_second": (steps - start) / session_seconds if session_seconds > 0 else None,
+        "forward_passes": passes,
+        "forward_passes_per_step": passes / max(1, steps),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "quantized_fraction": s.quantized_fraction,
+        "weights_by_component": s.weights_by_component,
+        "nonfinite_steps": nonfinite,
+        "sg_istar_over_tau": ratios,
+        "sg_istar_over_tau_mean": sum(ratios) / len(ratios) if ratios else None,
+        "token_dim": s.theta.numel(),
+        "device": str(device),
+        "dtype": str(s.parts.dtype).removeprefix("torch."),
+        "model_source": s.parts.source,
+        "placeholder_token": s.text.placeholder,
+        "initializer_token": s.initializer,
+    }
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame(history)
+    atomic_write(run_dir / "history.csv", lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | None = None) -> dict[str, Any]:
+    """Train, then write metrics.json whatever happened. Bad input raises ZoodipError (exit code 2); SIGTERM, SIGINT
+    or SIGUSR2 end the current step, checkpoint and raise Preempted (exit code EXIT_PREEMPTED). One run at a time
+    works in `run_dir` (its lock file); a refused run writes nothing there."""
+    check_config(cfg)  # types, limits, unknown keys: before anything is loaded or written
+    apply_forward_budget(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        previous = completed_run(cfg, run_dir)
+        if previous is not None:
+            return previous
+        checkpoint = find_checkpoint(cfg.train.resume, run_dir)
+        if checkpoint is not None:  # before the model loads: a checkpoint of other math is refused at once
+            check_resumable(checkpoint, cfg)
+        try:
+            with preemption.handle_signals():
+                return train_and_record(cfg, run_dir, multirun, run_name)
+        except Preempted as stop:
+            preemption.hand_on(stop.signum)  # under submitit: requeue the job (and exit)
+            raise
+
+
+def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """With train.resume=auto, the metrics of a run that completed in `run_dir` with the same math and at least
+    train.steps steps (it is skipped); a completed run of other math is refused. None: train."""
+    done = run_dir / "metrics.json"
+    if cfg.train.resume != "auto" or not done.is_file():
+        return None
+    try:
+        previous = read_json(done)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("status") != "completed":
+        return None
+    saved = previous.get("config")
+    check_same_math(saved if isinstance(saved, dict) else None, cfg, f"the completed run in {run_dir}")
+    if isinstance(previous.get("steps"), int) and previous["steps"] < int(cfg.train.steps):
+        log.info("%s completed %d steps: continuing to %d", run_dir, previous["steps"], cfg.train.steps)
+        return None
+    log.info("%s already completed: skipped (train.resume=null starts over)", run_dir)
+    return previous
+
+
+def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: str | None) -> dict[str, Any]:
+    """run()'s work inside the lock and the signal handlers: train, evaluate, write metrics.json."""
+    tracker = Tracker(cfg, run_dir, job_type="train", name=run_name)
+    started = time.perf_counter()
+    identity = {"config": run_config(cfg), "zoodip_version": __version__}
+    try:
+        if cfg.eval.enabled:  # fail before training when the evaluation could not run (e.g. missing CLIP)
+            preflight(cfg)
+        metrics = train(cfg, run_dir, tracker)
+    except Preempted as stop:
+        metrics = {
+            "status": "preempted",
+            "error": None,
+            "signal": preemption.signal_name(stop.signum),
+            "checkpoint_step": stop.step,
+            "wall_seconds": time.perf_counter() - started,
+            "wandb": tracker.info,
+            **identity,
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        tracker.preempted()
+        tracker.finish(exit_code=EXIT_PREEMPTED)
+        print(
+            f"zoodip: {stop}; the same command continues it (train.resume=auto); outputs in {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+    except (ZoodipError, Exception, KeyboardInterrupt) as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        reason = str(err) or type(err).__name__
+        metrics = {
+            "status": status,
+            "error": f"{type(err).__name__}: {reason}",
+            "wall_seconds": time.perf_counter() - started,
+            "wandb": tracker.info,
+            **identity,
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        tracker.finish(exit_code=1)
+        if isinstance(err, ZoodipError | KeyboardInterrupt) or not multirun:
+            raise
+        log.error("job failed, the sweep carries on: %s", metrics["error"])
+        return metrics
+    metrics.update(wandb=tracker.info, **identity)
+    write_json(run_dir / "metrics.json", metrics)
+    tracker.summary(metrics)
+    if cfg.eval.enabled:  # after train() returned, so its model is freed before evaluation loads its own
+        try:
+            eval_metrics = evaluate_run(run_dir, cfg=cfg, tracker=tracker)
+            metrics["eval"] = {k: v for k, v in eval_metrics.items() if k in SUMMARY_KEYS and k != "images_per_second"}
+        except Exception as err:  # training itself completed: keep its status, record why eval did not
+            log.error("evaluation failed: %s", err)
+            metrics["eval_error"] = f"{type(err).__name__}: {err}"
+        write_json(run_dir / "metrics.json", metrics)
+    tracker.artifact(run_dir / "learned_embeds.safetensors", f"learned_embeds-{run_dir.name}", "embedding")
+    tracker.finish(exit_code=0)
+    summary = f"final_loss={number(metrics['final_loss'], '.5g')}, {number(metrics['iters_per_second'], '.2f')} it/s"
+    if "loss_ratio" in metrics:  # None when the initial loss is 0 (data.planted_scale=0)
+        summary += (
+            f", planted loss_ratio={number(metrics['loss_ratio'], '.3f')}, "
+            f"planted_cosine={number(metrics['planted_cosine'], '.3f')}"
+        )
+    print(f"zoodip: completed {metrics['steps']} steps ({summary}); outputs in {run_dir}", file=sys.stderr)
+    return metrics
+
+
+def number(value: float | None, spec: str) -> str:
+    """`value` formatted for the closing line, or n/a when there is none."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """optimized_metric and tuning_subjects: what a job returns to a sweeper (hparams_search/)."""
+    metric = cfg.get("optimized_metric")
+    if metric is not None and (not isinstance(metric, str) or not metric.strip("/.")):
+        raise ZoodipError(f"optimized_metric must be a metrics.json key (eval/subject_accuracy) or null: {metric!r}")
+    if isinstance(metric, str) and metric.startswith(("eval/", "eval.")) and not cfg.eval.enabled:
+        raise ZoodipError(
+            f"optimized_metric={metric} is an evaluation score but eval.enabled=false: turn the evaluation on, or "
+            f"optimize a training metric (final_loss; planted_cosine or loss_ratio with data=planted)"
+        )
+    subjects = cfg.get("tuning_subjects")
+    if subjects is not None and (
+        not isinstance(subjects, ListConfig)
+        or not subjects
+        or not all(isinstance(x, str) and x for x in subjects)
+        or len(set(subjects)) != len(subjects)
+    ):
+        shown = OmegaConf.to_container(subjects) if isinstance(subjects, ListConfig) else subjects
+        raise ZoodipError(f"tuning_subjects must be a list of distinct data.subject names or null, got {shown!r}")
+
+
+def objective_value(metrics: dict[str, Any], metric: str | None) -> float | None:
+    """The number a job returns to a sweeper: metrics.json's `metric` (eval/subject_accuracy reads its "eval" entry),
+    final_loss when `metric` is null. None when the run did not produce a finite one (it failed, or it has no such
+    metric): Optuna records a failed trial and the study carries on."""
+    if metric is None:
+        return metrics.get("final_loss")
+    if metrics.get("status") != "completed":
+        return None
+    node: Any = metrics
+    for part in re.split(r"[/.]", metric.strip("/.")):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, bool) or not isinstance(node, int | float) or not math.isfinite(node):
+        log.warning("optimized_metric=%s: the run has no finite value for it (%r); the job returns none", metric, node)
+        return None
+    return float(node)
+
+
+def run_job(cfg: DictConfig, output_dir: Path, multirun: bool, name: str | None) -> float | None:
+    """One Hydra job: a run in `output_dir`, or with tuning_subjects one run per subject in <output_dir>/<subject>
+    (each a complete run folder: resumable, zoodip-eval can score it). Returns the objective (optimized_metric), for
+    several subjects their mean, written with each subject's value to <output_dir>/objective.json."""
+    check_objective(cfg)
+    metric = cfg.get("optimized_metric")
+    subjects = cfg.get("tuning_subjects")
+    if not subjects:
+        return objective_value(run(cfg, output_dir, multirun=multirun, run_name=name), metric)
+    values: dict[str, float | None] = {}
+    for subject in subjects:
+        sub = copy.deepcopy(cfg)
+        sub.data.subject = subject
+        run_dir = output_dir / subject
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / ".hydra" / "config.yaml", lambda tmp, sub=sub: OmegaConf.save(sub, tmp))
+        metrics = run(sub, run_dir, multirun=multirun, run_name=f"{name}-{subject}" if name else subject)
+        values[subject] = objective_value(metrics, metric if metric is not None else "final_loss")
+        if values[subject] is None:  # the mean is undefined: spend no more time on this job
+            break
+    mean = None if None in values.values() else sum(values.values()) / len(values)  # type: ignore[arg-type]
+    record = {"optimized_metric": metric or "final_loss", "value": mean, "by_subject": values}
+    write_json(output_dir / "objective.json", record)
+    return mean
+
+
+_TASK_STARTED = False
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
+    global _TASK_STARTED
+    _TASK_STARTED = True
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        name = (hc.job.override_dirname or f"job{hc.job.num}") if multirun else None
+        value = run_job(cfg, Path(hc.runtime.output_dir), multirun, name)
+    except ZoodipError as err:
+        if multirun:
+            log.error("job rejected: %s", err)
+            return None
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+    except Preempted:  # a sweep stops too: the cluster (or the user) wants the machine back
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted ({err or 'a second signal'})", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as err:
+        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    return value
+
+
+def main() -> None:
+    """Console entry point. Hydra's own config errors (unknown option, bad override) also exit with code 2."""
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _TASK_STARTED:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
