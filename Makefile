@@ -37,13 +37,19 @@ format: $(STAMP) ## ruff format and autofix
 demo: $(STAMP) ## Personalize a toy-world subject with ZOODiP, evaluate it, draw demo.png (offline, CPU, about a minute after install)
 	$(VENV)/bin/zoodip-demo
 
-# The GPU machine (README: GPU check) has Python 3.12 with torch, transformers, accelerate, huggingface-hub, safetensors,
-# pandas, matplotlib, scipy, timm... but none of these, and no network: they travel as wheels in .whl/ (git-ignored
-# through .git/info/exclude), at the versions .venv tests with. wandb and the Hydra launchers stay behind (logger=none).
+# An offline GPU node (a cluster's compute node, an air-gapped workstation) usually brings Python with torch,
+# transformers, accelerate, huggingface-hub, safetensors, pandas, matplotlib, scipy and timm (a PyTorch container or
+# module), but not zoodip's other dependencies, and cannot download them. `make gpu-wheels` fetches those, at the
+# versions .venv tests with, into .whl/ (git-ignored) for the node's Python (GPU_PYTHON, default 3.12, x86-64); copy
+# the repository with .whl/ to the node and install there with
+#   pip install --no-index --no-deps .whl/*.whl && pip install --no-deps --no-build-isolation -e .
+# (docs/gpu.md). wandb and the Hydra launchers are not included: use logger=none there.
+GPU_PYTHON ?= 3.12
+GPU_TAG := cp$(subst .,,$(GPU_PYTHON))
 GPU_PACKAGES := diffusers hydra-core omegaconf antlr4-python3-runtime optimum-quanto cma open-clip-torch ftfy wcwidth importlib-metadata
-GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_PLATFORM := --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
-gpu-wheels: $(STAMP) ## Download into .whl/ the wheels the GPU machine lacks (cp312, x86-64), print their size
+gpu-wheels: $(STAMP) ## Download into .whl/ the wheels an offline GPU node lacks (GPU_PYTHON=3.12, x86-64), print their size
 	@mkdir -p .git/info && (grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude)
 	@rm -rf .whl && mkdir -p .whl
 	@pins=$$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_PACKAGES)) && \
@@ -52,11 +58,11 @@ gpu-wheels: $(STAMP) ## Download into .whl/ the wheels the GPU machine lacks (cp
 		$(PY) -m pip wheel --quiet --no-deps -w .whl $$pin || exit 1; \
 	done
 	@ls -1 .whl
-	@! ls .whl | grep -v -E -e '-(py3-none-any|cp312-cp312-[a-z0-9_]*|cp3[0-9]*-abi3-[a-z0-9_.]*)\.whl$$' || (echo 'gpu-wheels: the wheels above do not install on CPython 3.12 x86-64' >&2; exit 1)
-	@echo "wheels: $$(du -sh .whl | cut -f1); tracked files: $$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MiB", $$1 / 1048576}') (the device takes 64 MiB in all)"
+	@! ls .whl | grep -v -E -e '-(py3-none-any|$(GPU_TAG)-$(GPU_TAG)-[a-z0-9_]*|cp3[0-9]*-abi3-[a-z0-9_.]*)\.whl$$' || (echo 'gpu-wheels: the wheels above do not install on CPython $(GPU_PYTHON) x86-64' >&2; exit 1)
+	@echo "wheels: $$(du -sh .whl | cut -f1); the repository's tracked files: $$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | awk '{printf "%.1f MiB", $$1 / 1048576}')"
 
 gpu-check: ## On a CUDA machine: smoke runs, toy-world eval, bench and the GPU verdicts into gpu-check.json/.md
-	$(if $(wildcard $(PY)),$(PY),python3) -m zoodip.tools.gpu_check mode=full
+	$(if $(wildcard $(PY)),$(PY),python3) -m zoodip.gpu_check mode=full
 
 clean: ## Remove caches (keeps outputs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache

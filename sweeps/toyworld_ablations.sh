@@ -2,7 +2,7 @@
 # The paper's ablations on the toy world (RESULTS.md §4): each sweep is one multirun, then its report.
 #   bash sweeps/toyworld_ablations.sh [OUT_DIR] [SWEEP ...]      (default: all six, into outputs/results/ablations)
 # Settings shared by every sweep (the preset experiments=toyworld, but L = 1,000 steps so the six fit a CPU
-# session) are in COMMON; the subjects are the first ones of RESULTS.md §2's rule. Two jobs run at once with one
+# sitting) are in COMMON; the subjects are the first ones of RESULTS.md §2's rule. Two jobs run at once with one
 # thread each: two torch processes with two threads each on two cores run ~20x slower.
 set -euo pipefail
 OUT=${1:-outputs/results/ablations}

@@ -12,9 +12,9 @@ import torch
 from zoodip.errors import ZoodipError
 from zoodip.models.quantize import quantize_weights
 from zoodip.tools.bench import (
+    BENCH_METHODS,
     CRASH_METHOD,
     FIELDS,
-    METHODS,
     check_methods,
     device_peak,
     markdown,
@@ -27,7 +27,7 @@ from zoodip.tools.bench import (
 
 @pytest.mark.slow  # heavy end to end: kept out of make test
 def test_every_method_runs_and_a_crash_is_contained(tmp_path):
-    methods = ["zoodip", CRASH_METHOD, *list(METHODS)[1:]]  # the crash comes first: later methods still run
+    methods = ["zoodip", CRASH_METHOD, *list(BENCH_METHODS)[1:]]  # the crash comes first: later methods still run
     cmd = [
         sys.executable,
         "-m",
@@ -48,13 +48,13 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     assert all(set(FIELDS) <= set(r) for r in results.values())
     crash = results[CRASH_METHOD]
     assert crash["status"] == "failed" and "injected failure" in crash["error"] and crash["seconds_per_iter"] is None
-    for name in METHODS:
+    for name in BENCH_METHODS:
         r = results[name]
         assert r["status"] == "completed" and r["error"] is None, r
         assert r["peak_load_bytes"] > 0 and r["peak_train_bytes"] > 0 and r["seconds_per_iter"] > 0
         assert r["iters_per_second"] == pytest.approx(1 / r["seconds_per_iter"])
         assert set(r["weight_bytes"]) == {"text_encoder", "unet"} and min(r["weight_bytes"].values()) > 0
-    fwd = {name: results[name]["forward_passes_per_iter"] for name in METHODS}
+    fwd = {name: results[name]["forward_passes_per_iter"] for name in BENCH_METHODS}
     assert fwd == {
         "zoodip": 3,
         "zoodip_n1": 2,
@@ -69,10 +69,10 @@ def test_every_method_runs_and_a_crash_is_contained(tmp_path):
     }
     assert all(r["warmup_seconds"] > 0 for r in results.values() if r["status"] == "completed")
     assert results["zoodip_compile"]["compile"] == "default" and results["zoodip"]["compile"] is None
-    assert all(0 < results[name]["baseline_bytes"] <= results[name]["peak_load_bytes"] for name in METHODS)
+    assert all(0 < results[name]["baseline_bytes"] <= results[name]["peak_load_bytes"] for name in BENCH_METHODS)
     assert results["zoodip_quanto"]["weight_bytes"] == results["zoodip"]["weight_bytes"]
     assert results["zoodip_fp32"]["dtype"] == "float32" and results["zoodip"]["dtype"] == "bfloat16"
-    unet = {name: results[name]["weight_bytes"]["unet"] for name in METHODS}
+    unet = {name: results[name]["weight_bytes"]["unet"] for name in BENCH_METHODS}
     assert unet["zoodip"] < 0.35 * unet["ti"] and unet["zoodip_int4"] < unet["zoodip"]
     assert results["zoodip"]["quantized_fraction"] > 0 and results["ti"]["quantized_fraction"] == 0
     assert results["zoodip_fp16"]["dtype"] == "bfloat16" and "bf16" in results["zoodip_fp16"]["note"]
@@ -206,4 +206,4 @@ def test_default_methods_are_every_method():
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="bench")
-    assert list(cfg.bench.methods) == list(METHODS)
+    assert list(cfg.bench.methods) == list(BENCH_METHODS)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
 
 from zoodip.errors import ZoodipError
-from zoodip.runtime.train import main, run, validate
-from zoodip.schema import KNOBS, SEED_MAX, Knob, check_config
+from zoodip.runtime.train import main, run
+from zoodip.schema import KNOBS, SEED_MAX, Knob, check_config, check_knobs
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PLANTED = ["data=planted", "data.eval_points=2"]
@@ -87,7 +87,7 @@ def good_cases() -> list[tuple[str, object]]:
 def test_a_value_past_a_limit_or_of_the_wrong_type_names_its_key(case):
     key, value = case
     with pytest.raises(ZoodipError, match=rf"^{key.replace('.', '[.]')} must be "):
-        check_config(with_value(key, value))
+        check_knobs(with_value(key, value))
 
 
 @FEW
@@ -109,26 +109,26 @@ def test_any_value_inside_the_range_passes_and_any_outside_fails(case):
     below = knob.high is None or (value < high if knob.open_high else value <= high)
     assert inside == (above and below)
     if inside:
-        check_config(with_value(key, value))
+        check_knobs(with_value(key, value))
     else:
         with pytest.raises(ZoodipError, match=key.replace(".", "[.]")):
-            check_config(with_value(key, value))
+            check_knobs(with_value(key, value))
 
 
 def test_every_limit_passes_the_checks():
     for key, value in good_cases():
         cfg = with_value(key, value)
         check_config(cfg)
-        validate(cfg)
+        check_config(cfg)
 
 
 @pytest.mark.parametrize("value", [-1, 900, 5000])
 def test_puts_limits_are_checked_as_a_pair_naming_the_key(value):
-    """t_low and t_high have their types checked in the schema, their range by validate, together."""
+    """t_low and t_high have their types checked as knobs, their range as a rule between the two."""
     cfg = with_value("puts.t_low", value)
-    check_config(cfg)
+    check_knobs(cfg)
     with pytest.raises(ZoodipError, match=r"puts.t_low must satisfy 0 <= t_low < t_high"):
-        validate(cfg)
+        check_config(cfg)
 
 
 # train.forward_budget's real floor is the method's passes per step (tests/test_efficiency.py), not the knob's 1.

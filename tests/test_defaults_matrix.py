@@ -1,4 +1,4 @@
-"""Defaults that work in every combination: each model x data x method that README.md names trains two steps with
+"""Defaults that work in every combination: each model x data x method that the docs name trains two steps with
 its defaults (nothing but the data folder where the data needs one), or is refused in one sentence that names a
 working alternative. `make test` runs the cheap combinations, `make test-slow` the rest (see FAST and SLOW)."""
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from zoodip.errors import ZoodipError
 from zoodip.runtime.train import run
 
-#: The methods README.md's config tables and commands name: ZOODiP (RGE, the default), first-order TI, GF-TI.
+#: The methods the docs' config tables and commands name: ZOODiP (RGE, the default), first-order TI, GF-TI.
 METHODS = {"rge": (), "backprop": ("experiments=ti",), "gfti": ("method=gfti",)}
 DATA = ("planted", "toyworld", "dreambooth")
 #: Combinations refused by design, with the sentence's fix: none today. A new refusal goes here with its alternative.

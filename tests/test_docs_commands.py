@@ -1,5 +1,6 @@
-"""Every zoodip command line in README.md and docs/REPRODUCE.md composes against the real configs (as `--cfg job`
-would), so the documentation cannot drift from the code. Multiruns compose once per swept value."""
+"""Every zoodip command line in README.md and docs/*.md composes against the real configs (as `--cfg job` would), so
+the documentation cannot drift from the code. Multiruns compose once per swept value. Every relative link in the
+Markdown files resolves to a file of the repository (and a #fragment to one of its headings)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,22 @@ from zoodip import CONF_DIR, ROOT
 from zoodip.cli import hydra_argv as report_argv
 from zoodip.evaluation.evaluate import hydra_argv as eval_argv
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "REPRODUCE.md"]
+#: The files whose zoodip commands are checked: README.md, docs/REPRODUCE.md and every page of docs/ with a command.
+DOCS = [
+    ROOT / "README.md",
+    *(
+        ROOT / "docs" / name
+        for name in (
+            "REPRODUCE.md",
+            "configuration.md",
+            "toyworld.md",
+            "sweeps.md",
+            "evaluation.md",
+            "benchmarking.md",
+            "gpu.md",
+        )
+    ),
+]
 #: Hydra apps and their primary config.
 HYDRA_APPS = {
     "zoodip-train": "train",
@@ -28,6 +44,7 @@ HYDRA_APPS = {
     "zoodip-export": "export",
     "zoodip-dashboard": "dashboard",
     "zoodip-study": "study",
+    "zoodip-gpu-check": "gpu_check",
 }
 COMMANDS = set(HYDRA_APPS)
 
@@ -94,8 +111,13 @@ def check(line: str) -> None:
 
 
 def test_the_docs_have_commands():
-    names = {path: len(doc_commands(path)) for path in DOCS}
-    assert all(n >= 5 for n in names.values()), names
+    names = {path.name: len(doc_commands(path)) for path in DOCS}
+    assert names["README.md"] >= 5 and names["REPRODUCE.md"] >= 5 and all(names.values()), names
+
+
+def test_every_page_with_commands_is_checked():
+    pages = [p for p in sorted((ROOT / "docs").glob("*.md")) if doc_commands(p)]
+    assert set(pages) <= set(DOCS), sorted(p.name for p in set(pages) - set(DOCS))
 
 
 @pytest.mark.parametrize(("doc", "line"), CASES, ids=[f"{d}:{line[:60]}" for d, line in CASES])
@@ -108,3 +130,58 @@ def test_a_bad_command_is_caught():
         check("zoodip-train sweeps=table3_sg_puts sg.tauu=3")
     with pytest.raises(Exception, match="eval.nope"):
         check("zoodip-eval run_dir=<run> eval.nope=1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# links
+
+#: The Markdown files whose relative links must resolve.
+LINKED = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens, -N for
+    repeats."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.replace("`", "").lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def relative_links(path: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    targets = re.findall(r"\]\(([^()\s]+)\)", text)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def broken_links(doc: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of `doc` that leave `root`, name a missing file, or a heading its Markdown file lacks."""
+    broken = []
+    for link in relative_links(doc):
+        file, _, fragment = link.partition("#")
+        target = (doc.parent / file).resolve() if file else doc
+        missing = not target.is_relative_to(root.resolve()) or not target.exists()
+        if missing or (fragment and target.suffix == ".md" and fragment not in anchors(target)):
+            broken.append(link)
+    return broken
+
+
+@pytest.mark.parametrize("doc", LINKED, ids=[str(p.relative_to(ROOT)) for p in LINKED])
+def test_relative_links_resolve(doc):
+    assert not broken_links(doc)
+
+
+def test_a_broken_link_is_caught(tmp_path):
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "b.md").write_text("# B page\n\n## `make gpu-check`: the check\n\n## Twice\n\n## Twice\n")
+    (tmp_path / "outside.md").write_text("")
+    good = ["docs/b.md", "docs/b.md#b-page", "docs/b.md#make-gpu-check-the-check", "docs/b.md#twice-1", "#a"]
+    bad = ["docs/c.md", "docs/b.md#nope", "../outside.md"]
+    links = " ".join(f"[x]({link})" for link in [*good, "https://example.org/y", *bad])
+    (root / "a.md").write_text(f"# A\n\n{links}\n\n```\n[x](in/code.md)\n```\n")
+    assert broken_links(root / "a.md", root) == bad

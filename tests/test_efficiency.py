@@ -12,7 +12,8 @@ import zoodip.runtime.train as train_mod
 from zoodip.errors import ZoodipError
 from zoodip.method.objective import Objective
 from zoodip.method.timesteps import TimestepSampler
-from zoodip.runtime.train import run, validate
+from zoodip.runtime.train import run
+from zoodip.schema import check_config, method_settings
 
 SCHEDULE = torch.linspace(0.99, 0.01, 1000)
 
@@ -49,7 +50,7 @@ def test_stratified_step_gives_each_pair_its_own_stratum(monkeypatch, tmp_path):
 @pytest.mark.parametrize("overrides", [("estimator=rge",), ("estimator=spsa", "puts=snr"), ("estimator=hizoo",)])
 def test_stratified_needs_pairs_that_keep_common_random_numbers(overrides):
     with pytest.raises(ZoodipError, match="puts.stratified"):
-        validate(compose_train("puts.stratified=true", *overrides))
+        check_config(compose_train("puts.stratified=true", *overrides))
 
 
 @pytest.mark.parametrize(("estimator", "budget", "steps"), [("rge", 10, 3), ("hizoo", 10, 3), ("spsa", 9, 2)])
@@ -102,4 +103,4 @@ def test_grad_cosine_is_one_for_backprop_and_a_cosine_for_rge(tmp_path):
     history = pd.read_csv(tmp_path / "zo" / "history.csv")
     cosines = history.set_index("step")["grad_cosine"]
     assert cosines[[1, 3]].isna().all() and cosines[[2, 4]].between(-1, 1).all()
-    assert metrics["forward_passes"] == 12 == 4 * train_mod.METHODS["rge"].passes(zo)
+    assert metrics["forward_passes"] == 12 == 4 * train_mod.METHODS["rge"].passes(method_settings(zo))

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from zoodip import CONF_DIR
 from zoodip.method.estimators import backprop, direction_seeds, rge
 from zoodip.method.methods import METHODS, GradientMethod
+from zoodip.schema import method_settings
 
 #: Every zeroth-order estimator of the registry: an `estimator` config with a non-autograd registry entry.
 ESTIMATORS = sorted(
@@ -44,21 +45,23 @@ DRAWS = 2000
 def guided_published(method: GradientMethod, grad: torch.Tensor) -> torch.Tensor:
     """Guided ES as published: e ~ N(0, Sigma) and no correction, so E[g] = Sigma grad,
     Sigma = alpha I + (1 - alpha) (D / k) U U^T (zoodip's scale of the paper's Sigma)."""
-    u = method.guided_basis().to(grad.dtype)
+    u = method.estimator.basis().to(grad.dtype)
     dim, k = u.shape
-    return method.alpha * grad + ((1 - method.alpha) * dim / k * u @ (u.T @ grad) if k else 0)
+    alpha = method.estimator.settings.alpha
+    return alpha * grad + ((1 - alpha) * dim / k * u @ (u.T @ grad) if k else 0)
 
 
 def hizoo_preconditioned(method: GradientMethod, grad: torch.Tensor) -> torch.Tensor:
     """Perturbations along Sigma^1/2 u, u ~ N(0, I): E[g] = Sigma grad, Sigma = diag(mean(h) / h) clipped."""
-    h = method.hessian.to(grad.dtype)
-    return (h.mean() / h).clamp(1 / method.clip, method.clip) * grad
+    h, clip = method.estimator.hessian.to(grad.dtype), method.estimator.settings.clip
+    return (h.mean() / h).clamp(1 / clip, clip) * grad
 
 
 def prgf_projection(method: GradientMethod, grad: torch.Tensor) -> torch.Tensor:
     """g = sum_i (grad . u_i) u_i with u_1 the prior v and u_2..u_n a uniformly random orthonormal frame of v's
     (D - 1)-dimensional complement: E[g] = (grad . v) v + (n - 1) / (D - 1) (grad - (grad . v) v)."""
-    v = method.prior.to(grad.dtype) / method.prior.norm()
+    prior = method.estimator.prior
+    v = prior.to(grad.dtype) / prior.norm()
     along = (grad @ v) * v
     return along + (method.n - 1) / (grad.numel() - 1) * (grad - along)
 
@@ -101,15 +104,15 @@ def mean_estimate(name: str, seed: int, dim: int, draws: int = DRAWS):
     warm_up, _ = quadratic(dim, g)
     loss_fn, gradient = quadratic(dim, g)
     theta = torch.nn.Parameter(torch.randn(dim, generator=g))
-    method = METHODS[estimator].build(cfg, theta, [], 1)
+    method = METHODS[estimator].build(method_settings(cfg), theta, [], 1)
     for step in range(1, 13):
         method.step(warm_up, step)
-    state = method.estimator_state()
+    state = method.estimator.state()
     estimates = []
     for draw in range(draws):
-        method.load_estimator_state(state)  # the same state for every draw (hizoo updates its own in place)
+        method.estimator.load_state(state)  # the same state for every draw (hizoo updates its own in place)
         estimates.append(method.estimate(loss_fn, 1_000 + draw).grad.double())
-    method.load_estimator_state(state)
+    method.estimator.load_state(state)
     grad = gradient(theta.detach())
     expected = grad if name in VARIANTS else EXPECTED.get(name, lambda m, g: g)(method, grad)
     return torch.stack(estimates).mean(0), grad, expected

@@ -20,7 +20,8 @@ from zoodip.method.methods import CMAES, METHODS, GradientMethod, gfti_scale, pc
 from zoodip.method.timesteps import TimestepSampler, snr_weights
 from zoodip.models.loading import load_components
 from zoodip.models.quantize import weights_by_component
-from zoodip.runtime.train import run, validate
+from zoodip.runtime.train import run
+from zoodip.schema import check_config, method_settings
 
 
 def test_every_estimator_config_is_a_registry_entry():
@@ -49,11 +50,11 @@ def test_every_estimator_config_is_a_registry_entry():
 def test_forward_passes_per_step_are_the_registrys(tmp_path, overrides, expected):
     cfg = compose_train("data=planted", "train.steps=2", "eval.enabled=false", *overrides)
     metrics = run(cfg, tmp_path)
-    assert metrics["forward_passes"] == 2 * expected == 2 * METHODS[metrics["method"]].passes(cfg)
+    assert metrics["forward_passes"] == 2 * expected == 2 * METHODS[metrics["method"]].passes(method_settings(cfg))
 
 
 def test_gfti_runs_forward_only_on_the_quantized_model(tmp_path):
-    """The issue's check, with population 6: forward_passes = population x steps, the token moves, INT8 weights."""
+    """GF-TI's check, with population 6: forward_passes = population x steps, the token moves, INT8 weights."""
     cfg = compose_train(
         "data=planted",
         "method=gfti",
@@ -91,7 +92,7 @@ def test_gfti_preempted_then_resumed_equals_a_straight_run(tmp_path, monkeypatch
         "train.steps=6",
         "eval.enabled=false",
     ]
-    assert validate(compose_train(*common)) is None  # the default train.checkpoint_every is allowed
+    assert check_config(compose_train(*common)) is None  # the default train.checkpoint_every is allowed
     straight = run(compose_train(*common), tmp_path / "straight")
     real, calls = CMAES.step, []
 
@@ -144,7 +145,7 @@ def test_cmaes_minimizes_a_quadratic_in_its_subspace():
     table = torch.randn(300, 8, generator=g)
     cfg = compose_train("method=gfti", "method.population=10", "method.intrinsic_dim=8")
     theta = torch.nn.Parameter(torch.zeros(8))
-    es = CMAES(cfg, theta, [table], 1)
+    es = CMAES(method_settings(cfg), theta, [table], 1)
     target = torch.linspace(-1, 1, 8)
 
     def loss_fn(thetas):
@@ -187,7 +188,7 @@ def test_zo_adam_official_equals_the_official_step():
     cfg = compose_train("optimizer=zo_adam_official", "sg.tau=3", "sg.nu=0.3", "estimator.mu=1e-2")
     dim, n, mu = 12, 2, 1e-2
     theta = torch.nn.Parameter(torch.linspace(-1, 1, dim))
-    method = GradientMethod(cfg, theta)
+    method = GradientMethod(method_settings(cfg), theta)
     target = torch.arange(dim, dtype=torch.float32) / dim
 
     def loss_fn(thetas):
@@ -361,7 +362,7 @@ def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiments={preset}"])
     assert {k: OmegaConf.select(cfg, k) for k in expected} == expected
-    validate(cfg)
+    check_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -383,9 +384,9 @@ def test_stateful_estimators_resume_bit_identical(tmp_path, estimator):
 
 @pytest.mark.parametrize("bad", ["puts.t_low=0.5", "puts.t_low=true"])
 def test_validate_alone_types_puts_before_comparing(bad):
-    """validate() is what bench and library callers use: a float or bool T_L is one sentence, not a TypeError."""
-    with pytest.raises(ZoodipError, match="must be integers"):
-        validate(compose_train(bad))
+    """check_config() is what bench and library callers use: a float or bool T_L is one sentence, not a TypeError."""
+    with pytest.raises(ZoodipError, match="puts.t_low must be an integer"):
+        check_config(compose_train(bad))
 
 
 def test_learning_rate_schedules_by_hand():
@@ -456,7 +457,7 @@ def test_cosine_schedule_resumes_bit_identical(tmp_path, monkeypatch):
 )
 def test_bad_schedule_is_one_sentence(overrides, message):
     with pytest.raises(ZoodipError, match=message):
-        validate(compose_train(*overrides))
+        check_config(compose_train(*overrides))
 
 
 def test_prgf_prior_is_the_previous_estimate_and_guided_basis_the_updates():
@@ -470,14 +471,16 @@ def test_prgf_prior_is_the_previous_estimate_and_guided_basis_the_updates():
     for name in ("prgf", "guided"):
         cfg = compose_train(f"estimator={name}", "estimator.mu=1e-2", *(["estimator.k=2"] if name == "guided" else []))
         theta = torch.nn.Parameter(torch.zeros(12))
-        method = GradientMethod(cfg, theta)
+        method = GradientMethod(method_settings(cfg), theta)
         for step in (1, 2, 3):
             before = theta.detach().clone()
             result = method.step(loss_fn, step)
             update = theta.detach() - before
         if name == "prgf":
-            assert torch.equal(method.prior, result.estimate) and not torch.allclose(method.prior, update)
+            assert torch.equal(method.estimator.prior, result.estimate) and not torch.allclose(
+                method.estimator.prior, update
+            )
             assert [torch.equal(t, result.estimate) for t in method.state_dict()["estimator"]] == [True]
         else:
-            assert len(method.recent) == 2
-            torch.testing.assert_close(method.recent[-1], update / update.norm())
+            assert len(method.estimator.recent) == 2
+            torch.testing.assert_close(method.estimator.recent[-1], update / update.norm())

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from zoodip import __version__
 from zoodip.errors import ZoodipError
 from zoodip.io import read_json
-from zoodip.method.methods import GRADIENT_ESTIMATORS
+from zoodip.method.estimators import RGE
 from zoodip.runtime import preemption
 from zoodip.runtime.checkpoint import check_resumable, load_checkpoint, math_differences, run_config
 from zoodip.runtime.health import Health
@@ -51,7 +51,7 @@ def straight(tmp_path_factory) -> torch.Tensor:
 
 def at_call(k: int, action, monkeypatch) -> None:
     """Run `action()` inside the k-th gradient estimate (inside step k), then finish that estimate normally."""
-    real, calls = GRADIENT_ESTIMATORS["rge"], []
+    real, calls = RGE.function, []
 
     def estimator(*args, **kwargs):
         calls.append(1)
@@ -59,7 +59,7 @@ def at_call(k: int, action, monkeypatch) -> None:
             action()
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", estimator)
+    monkeypatch.setattr(RGE, "function", staticmethod(estimator))
 
 
 def kill_self(signum: int):
@@ -291,7 +291,7 @@ def test_a_checkpoint_of_an_older_zoodip_without_a_config_still_resumes(finished
 
 
 def test_consecutive_non_finite_steps_fail_the_run_keeping_the_last_good_token(tmp_path, monkeypatch):
-    real, calls = GRADIENT_ESTIMATORS["rge"], []
+    real, calls = RGE.function, []
 
     def nan_from_step_4(*args, **kwargs):
         est = real(*args, **kwargs)
@@ -300,7 +300,7 @@ def test_consecutive_non_finite_steps_fail_the_run_keeping_the_last_good_token(t
             est.loss, est.grad = float("nan"), torch.full_like(est.grad, float("nan"))
         return est
 
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", nan_from_step_4)
+    monkeypatch.setattr(RGE, "function", staticmethod(nan_from_step_4))
     with pytest.raises(FloatingPointError, match=r"3 steps in a row had a non-finite loss \(train.max_bad_steps=3\)"):
         run_tiny(tmp_path / "bad", "train.max_bad_steps=3", "train.checkpoint_every=1")
     metrics = read_json(tmp_path / "bad" / "metrics.json")
@@ -330,7 +330,7 @@ def test_divergence_warns_once_per_episode():
 
 
 def test_divergence_reaches_the_log_and_the_tracker(tmp_path, monkeypatch, caplog):
-    real, calls = GRADIENT_ESTIMATORS["rge"], []
+    real, calls = RGE.function, []
 
     def spike_at_step_12(*args, **kwargs):
         est = real(*args, **kwargs)
@@ -339,7 +339,7 @@ def test_divergence_reaches_the_log_and_the_tracker(tmp_path, monkeypatch, caplo
             est.loss = 1e6
         return est
 
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", spike_at_step_12)
+    monkeypatch.setattr(RGE, "function", staticmethod(spike_at_step_12))
     logged = []
     monkeypatch.setattr(Tracker, "warn", lambda self, title, text, step: logged.append((title, step)))
     run_tiny(tmp_path, "train.steps=13")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from zoodip.errors import ZoodipError
 from zoodip.io import read_json
-from zoodip.method.methods import GRADIENT_ESTIMATORS
+from zoodip.method.estimators import RGE
 from zoodip.method.objective import Objective, TextConditioner
 from zoodip.models.loading import load_components
 from zoodip.runtime.train import run
@@ -129,7 +129,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, subject_dir,
     run_tiny(tmp_path / "straight", *common)
     expected = load_file(tmp_path / "straight" / "learned_embeds.safetensors")["<dog6>"]
 
-    real_rge, calls = GRADIENT_ESTIMATORS["rge"], []
+    real_rge, calls = RGE.function, []
 
     def crash_at_step_7(*args, **kwargs):
         calls.append(1)
@@ -137,12 +137,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, subject_dir,
             raise RuntimeError("simulated preemption")
         return real_rge(*args, **kwargs)
 
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", crash_at_step_7)
+    monkeypatch.setattr(RGE, "function", staticmethod(crash_at_step_7))
     with pytest.raises(RuntimeError):
         run_tiny(tmp_path / "crashed", *common)
     failed = read_json(tmp_path / "crashed" / "metrics.json")
     assert failed["status"] == "failed" and "simulated preemption" in failed["error"]
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", real_rge)
+    monkeypatch.setattr(RGE, "function", staticmethod(real_rge))
 
     metrics = run_tiny(tmp_path / "crashed", *common, "train.resume=auto")
     assert metrics["resumed_from_step"] == 6
@@ -152,7 +152,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, subject_dir,
 
 
 def test_nonfinite_loss_skips_the_update(tmp_path, subject_dir, monkeypatch):
-    real_rge, calls = GRADIENT_ESTIMATORS["rge"], []
+    real_rge, calls = RGE.function, []
 
     def nan_at_step_2(*args, **kwargs):
         est = real_rge(*args, **kwargs)
@@ -161,7 +161,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, subject_dir, monkeypatch):
             est.loss, est.grad = float("nan"), torch.full_like(est.grad, float("nan"))
         return est
 
-    monkeypatch.setitem(GRADIENT_ESTIMATORS, "rge", nan_at_step_2)
+    monkeypatch.setattr(RGE, "function", staticmethod(nan_at_step_2))
     metrics = run_tiny(tmp_path, f"data.path={subject_dir}", "data.subject=dog6", "train.steps=4")
     assert metrics["nonfinite_steps"] == 1
     assert torch.isfinite(load_file(tmp_path / "learned_embeds.safetensors")["<dog6>"]).all()

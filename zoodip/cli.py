@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,20 +14,47 @@ from omegaconf import DictConfig
 from zoodip import CONF_DIR
 from zoodip.errors import EXIT_USAGE, ZoodipError, fail
 
+log = logging.getLogger("zoodip")
 
-def hydra_app(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """A console entry point running `task(cfg)` on conf/<config_name>.yaml. A ZoodipError from the task, or a
-    Hydra composition error (unknown key or option, bad override), prints one line and exits with code 2."""
+
+def hydra_app(config_name: str, task: Callable[[DictConfig], Any], failure: str | None = None) -> Callable[[], None]:
+    """Every zoodip command's entry point: `task(cfg)` on conf/<config_name>.yaml, its return value handed to Hydra
+    (a sweeper's objective). The error contract of every command:
+
+    * a ZoodipError (bad input) or a Hydra composition error (unknown key or option, bad override) prints one line
+      and exits with code 2; inside a multirun the job is logged as rejected and the sweep goes on;
+    * Preempted (SIGTERM / SIGUSR2 under a cluster) exits with EXIT_PREEMPTED, Ctrl-C with 130;
+    * with `failure` (e.g. "training failed"), any other exception is one line and exit code 1, not a traceback.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
+
     started = False
 
-    def body(cfg: DictConfig) -> None:
+    def body(cfg: DictConfig) -> Any:
         nonlocal started
         started = True
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         try:
-            task(cfg)
+            return task(cfg)
         except ZoodipError as err:
+            if multirun:
+                log.error("job rejected: %s", err)
+                return None
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
+        except Preempted:  # a sweep stops too: the cluster (or the user) wants the machine back
+            raise SystemExit(EXIT_PREEMPTED) from None
+        except KeyboardInterrupt as err:
+            print(f"error: interrupted ({err or 'a second signal'})", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        except Exception as err:
+            if failure is None:
+                raise
+            print(f"error: {failure}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
     entry = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(body)
 

@@ -1,7 +1,11 @@
-"""The config's knobs: types, limits and known keys, checked before anything is loaded or written.
+"""The config, read in one place: every knob's type, limit and allowed choices, the rules between knobs, and the
+typed settings the method is built from.
 
-A wrong type, a value past its limit or a key that no config file defines is one sentence naming the key (ZoodipError,
-exit code 2). Cross-key rules (t_low < t_high, a method's needs) stay in zoodip.runtime.train.validate.
+`check_config` is the one validator: a wrong type, a value past its limit, an unknown choice, a key that no config file
+defines or a broken rule between knobs (t_low < t_high, a method's needs) is one sentence naming the key (ZoodipError,
+exit code 2), before anything is loaded or written. `method_settings` turns the checked config into the frozen
+dataclasses the method layer takes (zoodip/method/), so that nothing below the entry point reads a DictConfig for the
+method's knobs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from zoodip import CONF_DIR, ROOT
+from zoodip.data.dataset import TEMPLATES
 from zoodip.errors import ZoodipError
+from zoodip.method.estimators import EstimatorSettings
+from zoodip.method.methods import METHODS, SCHEDULES, GFTISettings, MethodSettings, OptimizerSettings
+from zoodip.method.objective import check_compile
+from zoodip.method.timesteps import SAMPLERS
+from zoodip.models.loading import check_cpu_memory
+from zoodip.models.quantize import QUANTIZATIONS
 
 SEED_MAX = 2**63 - 1  # a signed 64-bit integer: what every seed reaches (the model builder packs it as one)
 
@@ -54,8 +65,8 @@ class Knob:
 
 
 # Every numeric and boolean knob of the schema, where its config has it (method.* only for method=gfti). The range of
-# puts.t_low / t_high is validate's (as a pair: 0 <= t_low < t_high <= the schedule's length). Not listed:
-# model.resolution (the model's own: a multiple of its downsampling).
+# puts.t_low / t_high is a rule between the two (`check_rules`: 0 <= t_low < t_high; <= the schedule's length once
+# the model is loaded). Not listed: model.resolution (the model's own: a multiple of its downsampling).
 KNOBS: dict[str, Knob] = {
     "train.steps": Knob(int, 1),
     "train.seed": Knob(int, 0, SEED_MAX),
@@ -73,15 +84,18 @@ KNOBS: dict[str, Knob] = {
     "sg.enabled": Knob(bool),
     "sg.tau": Knob(int, 2),
     "sg.nu": Knob(float, 0, 1, open_low=True, open_high=True),
-    "puts.t_low": Knob(int),  # the type here; the range in validate, as a pair: 0 <= t_low < t_high
+    "puts.t_low": Knob(int),  # the type here; the range in check_rules, as a pair: 0 <= t_low < t_high
     "puts.t_high": Knob(int),
     "puts.stratified": Knob(bool),
     "estimator.smoothing": Knob(float, 0, 1, open_low=True),
     "estimator.clip": Knob(float, 1),
     "estimator.unbiased": Knob(bool),
+    "estimator.k": Knob(int, 1),
+    "estimator.alpha": Knob(float, 0, 1, open_low=True),
     "train.forward_budget": Knob(int, 1, nullable=True),
     "train.keep_tokens_every": Knob(int, 0),
     "train.grad_cosine_every": Knob(int, 0),
+    "train.distributed": Knob(bool),
     "optimizer.lr": Knob(float, 0, open_low=True),
     "optimizer.eps": Knob(float, 0),
     "optimizer.weight_decay": Knob(float, 0),
@@ -103,6 +117,16 @@ KNOBS: dict[str, Knob] = {
     "method.shared_sample": Knob(bool),
 }
 BETA = Knob(float, 0, 1, open_high=True)
+# Every knob with a fixed set of values, and the values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method.name": tuple(METHODS),
+    "puts.kind": SAMPLERS,
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "optimizer.schedule": SCHEDULES,
+    "quantization.weights": QUANTIZATIONS,
+    "data.kind": ("dreambooth", "planted"),
+    "data.template": tuple(TEMPLATES),
+}
 GROUPS = ("paths", "method", "estimator", "sg", "puts", "optimizer", "data", "logger", "eval", "model", "quantization")
 
 
@@ -144,7 +168,14 @@ def _unknown(cfg: DictConfig) -> str | None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Types, limits and known keys of `cfg` (the composed train config); the first problem is a ZoodipError."""
+    """Types, limits, choices, known keys and the rules between knobs of `cfg` (the composed train config); the first
+    problem is a ZoodipError."""
+    check_knobs(cfg)
+    check_rules(cfg)
+
+
+def check_knobs(cfg: DictConfig) -> None:
+    """Each knob alone: known keys, types, limits and choices."""
     unknown = _unknown(cfg)
     if unknown:
         raise ZoodipError(
@@ -158,6 +189,90 @@ def check_config(cfg: DictConfig) -> None:
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(BETA.allows(b) for b in betas)):
         raise ZoodipError(f"optimizer.betas must be two numbers in [0, 1), got {list(betas)!r}")
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if (value is not None or _has(cfg, key)) and value not in options:
+            raise ZoodipError(f"{key} must be one of {', '.join(options)}, got {value!r}")
+
+
+def check_rules(cfg: DictConfig) -> None:
+    """The rules between knobs (each knob alone is checked by check_config): one sentence naming the key and the fix."""
+    name, est, puts = method_name(cfg), cfg.estimator, cfg.puts
+    schedule = cfg.optimizer.get("schedule", "constant")
+    unquantized = (cfg.quantization.weights, cfg.quantization.get("others")) in (("none", "none"), ("none", None))
+    if METHODS[name].autograd and not unquantized:
+        raise ZoodipError(
+            "estimator=backprop is the first-order TI baseline through an unquantized model: add quantization=none, "
+            "which also keeps the text encoder and VAE unquantized (or use experiments=ti)"
+        )
+    if cfg.optimizer.get("official_grad_scale") and name in ("backprop", "gfti"):
+        raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
+    if cfg.train.get("distributed") and METHODS[name].autograd:
+        raise ZoodipError(
+            "train.distributed spreads a step's forward passes over processes; first-order TI has one per step: "
+            "run it with train.distributed=false"
+        )
+    if name == "gfti" and schedule != "constant":
+        raise ZoodipError("optimizer.schedule is the gradient methods' learning rate; method=gfti (CMA-ES) has none")
+    if name == "antithetic" and est.n % 2:
+        raise ZoodipError(f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
+    if puts.get("stratified") and not (name in ("spsa", "antithetic") and puts.kind in ("puts", "uniform")):
+        raise ZoodipError(
+            "puts.stratified gives each +/- pair its own timestep, so that common random numbers still hold within "
+            f"a pair: it needs estimator=spsa or antithetic with puts=puts or uniform, not {name} with {puts.kind}"
+        )
+    if puts.kind == "puts" and not 0 <= puts.t_low < puts.t_high:
+        raise ZoodipError(f"puts.t_low must satisfy 0 <= t_low < t_high, got t_low={puts.t_low}, t_high={puts.t_high}")
+    check_cpu_memory(cfg.train.cpu_memory)
+    check_compile(cfg.train.compile, cfg.quantization.weights)
+
+
+def method_name(cfg: DictConfig) -> str:
+    """`method=gfti` names its method; `method=gradient` (the default) takes the estimator's name."""
+    return str(cfg.method.name)
+
+
+def method_settings(cfg: DictConfig) -> MethodSettings:
+    """The method's knobs of a checked config as typed, frozen settings (the method layer reads nothing else)."""
+    est, opt, m = cfg.estimator, cfg.optimizer, cfg.method
+    estimator = EstimatorSettings(
+        name=str(est.name),
+        n=int(est.n),
+        mu=float(est.mu),
+        **{key: type(getattr(EstimatorSettings, key))(est[key]) for key in _OPTIONAL_ESTIMATOR if key in est},
+    )
+    optimizer = OptimizerSettings(
+        name=str(opt.name),
+        lr=float(opt.lr),
+        betas=tuple(float(b) for b in opt.get("betas", (0.9, 0.999))),
+        eps=float(opt.get("eps", 1e-8)),
+        weight_decay=float(opt.get("weight_decay", 0.0)),
+        momentum=float(opt.get("momentum", 0.0)),
+        schedule=str(opt.get("schedule", "constant")),
+        official_grad_scale=bool(opt.get("official_grad_scale", False)),
+    )
+    gfti = None
+    if m.name == "gfti":
+        gfti = GFTISettings(
+            intrinsic_dim=int(m.intrinsic_dim),
+            population=int(m.population),
+            sigma=float(m.sigma),
+            alpha=float(m.alpha),
+            shared_sample=bool(m.shared_sample),
+        )
+    return MethodSettings(
+        name=method_name(cfg),
+        estimator=estimator,
+        optimizer=optimizer,
+        sg_tau=int(cfg.sg.tau) if cfg.sg.enabled else None,
+        sg_nu=float(cfg.sg.nu),
+        steps=int(cfg.train.steps),
+        seed=int(cfg.train.seed),
+        gfti=gfti,
+    )
+
+
+_OPTIONAL_ESTIMATOR = ("k", "alpha", "unbiased", "smoothing", "clip")
 
 
 def _has(cfg: DictConfig, key: str) -> bool:

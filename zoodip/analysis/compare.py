@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from scipy import stats
 
-from zoodip.analysis.report import NUISANCE, _read_metrics, _read_overrides, job_dirs, paired_difference
+from zoodip.analysis.report import NUISANCE, job_dirs, paired_difference, read_metrics, read_overrides
 from zoodip.cli import hydra_app, multirun_dir_main
 from zoodip.data.dataset import encode_latents, initializer_word, load_captions, read_reference_images
 from zoodip.errors import ZoodipError
@@ -51,7 +51,7 @@ from zoodip.toyworld import world as toyworld
 
 log = logging.getLogger("zoodip.analysis.compare")
 USAGE = "usage: zoodip-compare MULTIRUN_DIR [compare.reference=LABEL] [compare.target=0.76] [key=value ...]"
-MEMORY_TOLERANCE = 1.05  # the issue's bar: at most 5% above the reference's peak memory
+MEMORY_TOLERANCE = 1.05  # the memory bar: at most 5% above the reference's peak memory
 #: Summary columns read off a curve; compare.tokens=final measures none, so they are left empty there.
 CURVE_COLUMNS = [
     "equal_budget",
@@ -82,7 +82,7 @@ def kept_tokens(job: Path) -> list[tuple[int, torch.Tensor]]:
     for path in sorted((job / "tokens").glob("fwd-*.safetensors")):
         with safe_open(path, "pt") as f:
             out.append((int(f.metadata()["forward_passes"]), f.get_tensor("theta")))
-    metrics = _read_metrics(job / "metrics.json") or {}
+    metrics = read_metrics(job / "metrics.json") or {}
     final, done = job / "learned_embeds.safetensors", metrics.get("forward_passes")
     if out and metrics.get("status") == "completed" and isinstance(done, int) and done > out[-1][0] and final.exists():
         with safe_open(final, "pt") as f:
@@ -285,7 +285,7 @@ def run_table(jobs: list[Path], labels: dict[str, str]) -> pd.DataFrame:
     """Per job: its method, peak memory and (when logged) mean true-gradient cosine."""
     rows = []
     for job in jobs:
-        metrics = _read_metrics(job / "metrics.json") or {}
+        metrics = read_metrics(job / "metrics.json") or {}
         row = {
             "job": job.name,
             "method": labels[job.name],
@@ -387,7 +387,7 @@ def compare(cfg: DictConfig) -> None:
     jobs = [j for j in job_dirs(cfg.multirun_dir) if (j / "tokens").is_dir()]
     if not jobs:
         raise ZoodipError(f"no job in {cfg.multirun_dir} kept tokens: run the sweep with train.keep_tokens_every=K")
-    overrides = {job.name: _read_overrides(job) for job in jobs}
+    overrides = {job.name: read_overrides(job) for job in jobs}
     keys = list(dict.fromkeys(k for o in overrides.values() for k in o))
     swept = [k for k in keys if len({str(o.get(k)) for o in overrides.values()}) > 1]
     labels = {job.name: job_label(overrides[job.name], swept) for job in jobs}

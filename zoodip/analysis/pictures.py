@@ -6,13 +6,37 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from zoodip.analysis.report import plot_istar
 from zoodip.io import atomic_write
 
 LOSS_FILE, ISTAR_FILE, GRID_FILE = "loss.png", "istar.png", "grid.png"
+
+
+def plot_istar(series: dict[str, list[float]], path: Path) -> Path:
+    """Fig. 8: histogram of i*/tau, the fraction of the tau buffer's directions SG keeps at each refresh."""
+    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
+    ax = fig.subplots()
+    bins = np.linspace(0.0, 1.0, 21)
+    for name, values in series.items():
+        ax.hist(
+            values,
+            bins=bins,
+            alpha=0.55 if len(series) > 1 else 0.9,
+            label=f"{name} (n={len(values)})",
+            edgecolor="black",
+            linewidth=0.5,
+        )
+    ax.set_xlabel("i*/τ")
+    ax.set_ylabel("SG refreshes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, 1)
+    ax.set_title("i*/τ over SG refreshes (Fig. 8)")
+    ax.legend(fontsize=8)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

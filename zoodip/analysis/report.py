@@ -62,9 +62,9 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
+from zoodip.analysis.pictures import plot_istar
 from zoodip.cli import hydra_app, multirun_dir_main
 from zoodip.errors import ZoodipError
 from zoodip.io import atomic_write, atomic_write_text, read_json, write_json
@@ -150,7 +150,7 @@ def _scalar(text: str) -> Any:
     return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
-def _read_overrides(job: Path) -> dict[str, Any]:
+def read_overrides(job: Path) -> dict[str, Any]:
     path = job / ".hydra" / "overrides.yaml"
     if not path.exists():
         return {}
@@ -176,7 +176,7 @@ def _from_config(job: Path, key: str) -> Any:
     return value if isinstance(value, int | float | str) else None
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
+def read_metrics(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -209,14 +209,14 @@ def job_dirs(multirun_dir: str | Path) -> list[Path]:
 def load_runs(multirun_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per job (columns as in runs.csv, plus the `sg_istar_over_tau` lists), and the override keys."""
     jobs = job_dirs(multirun_dir)
-    overrides = {job.name: _read_overrides(job) for job in jobs}
+    overrides = {job.name: read_overrides(job) for job in jobs}
     keys = list(dict.fromkeys(k for o in overrides.values() for k in o))
     rows, extra = [], []
     for job in jobs:
         row: dict[str, Any] = {"job": job.name}
         for key in keys:
             row[key] = overrides[job.name][key] if key in overrides[job.name] else _from_config(job, key)
-        train = _read_metrics(job / "metrics.json")
+        train = read_metrics(job / "metrics.json")
         row["status"] = "missing" if train is None else str(train.get("status") or "missing")
         row["error"] = (train or {}).get("error") or ""
         for key, value in (train or {}).items():
@@ -226,7 +226,7 @@ def load_runs(multirun_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
                     extra.append(key)
         istar = (train or {}).get("sg_istar_over_tau") or []
         row["sg_istar_over_tau"] = [float(v) for v in istar if isinstance(v, int | float) and math.isfinite(v)]
-        evals = _read_metrics(job / "eval" / "metrics.json") or {}
+        evals = read_metrics(job / "eval" / "metrics.json") or {}
         for key in EVAL_KEYS:
             row[key] = _number(evals.get(key))
         wb = (train or {}).get("wandb") or {}
@@ -468,29 +468,6 @@ def plot_bars(cells: dict[str, pd.DataFrame], param: str, path: Path) -> Path:
         ax.set_xticks(range(n), [_label(k) for k in table.index], rotation=45 if n > 6 else 0)
         ax.set_xlabel(_axis(param))
         ax.set_title(metric + _arrow(metric))
-    return _save(fig, path)
-
-
-def plot_istar(series: dict[str, list[float]], path: Path) -> Path:
-    """Fig. 8: histogram of i*/tau, the fraction of the tau buffer's directions SG keeps at each refresh."""
-    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
-    ax = fig.subplots()
-    bins = np.linspace(0.0, 1.0, 21)
-    for name, values in series.items():
-        ax.hist(
-            values,
-            bins=bins,
-            alpha=0.55 if len(series) > 1 else 0.9,
-            label=f"{name} (n={len(values)})",
-            edgecolor="black",
-            linewidth=0.5,
-        )
-    ax.set_xlabel("i*/τ")
-    ax.set_ylabel("SG refreshes")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0, 1)
-    ax.set_title("i*/τ over SG refreshes (Fig. 8)")
-    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

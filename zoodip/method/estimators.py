@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zoodip.errors import ZoodipError
+
 #: (candidates (m, D), groups) -> losses (m,). `groups` (one int per candidate, or None) marks evaluations that must
 #: share a timestep; with puts.stratified each group gets its own stratum of [T_L, T_U) (train.py: training_step).
 LossFn = Callable[..., torch.Tensor]
@@ -225,7 +227,188 @@ def backprop(loss_fn: LossFn, theta: torch.Tensor) -> Estimate:
     return Estimate(grad.detach().float().cpu(), loss.item(), loss[None], 1)
 
 
-#: The stateless zeroth-order estimators by `estimator` config name (guided, hizoo and prgf take their state from
-#: GradientMethod; backprop is the first-order one); zoodip/method/methods.py turns each into a registry entry, and
-#: tests/test_estimator_properties.py checks every registry entry's mean estimate against theory.
-GRADIENT_ESTIMATORS = {"rge": rge, "spsa": spsa, "one_point": one_point, "antithetic": antithetic}
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """The `estimator` config group, read once (zoodip.schema.method_settings); each estimator takes what it uses."""
+
+    name: str = "rge"
+    n: int = 2  # directions per step (Eq. 3's n)
+    mu: float = 1e-3  # the perturbation's scale (Eq. 3's mu)
+    k: int = 8  # guided: how many recent updates span U
+    alpha: float = 0.5  # guided: the isotropic share of the directions' covariance
+    unbiased: bool = False  # guided: multiply by Sigma^-1 so that the mean is the gradient
+    smoothing: float = 1e-2  # hizoo: the EMA weight of each step's |diag(H)| estimate
+    clip: float = 10.0  # hizoo: Sigma clipped to [1/clip, clip]
+
+
+class Estimator:
+    """One interface for every estimator: `estimate` turns one step's losses into g_hat, `observe` sees the update
+    that was applied (the state of guided, prgf), and `state` / `load_state` carry that state through a checkpoint.
+    The stateless ones are the functions above; a subclass names its function, its passes per step and a summary."""
+
+    autograd = False  # first-order TI: the loss must be differentiable (an unquantized model)
+    summary = ""
+
+    def __init__(self, settings: EstimatorSettings, dim: int) -> None:
+        self.settings, self.dim = settings, dim
+
+    @staticmethod
+    def passes(n: int) -> int:
+        """Forward passes per step with n directions."""
+        return n + 1
+
+    def estimate(self, loss_fn: LossFn, theta: torch.Tensor, seeds: list[int]) -> Estimate:
+        s = self.settings
+        return type(self).function(loss_fn, theta, s.n, s.mu, seeds)
+
+    def observe(self, update: torch.Tensor, estimate: Estimate) -> None:
+        """After an applied step: `update` is theta's change, `estimate` the step's (before SG's projection)."""
+
+    def log(self) -> dict[str, float]:
+        """The estimator's own fields for the step's log row."""
+        return {}
+
+    def state(self) -> list[torch.Tensor]:
+        return []
+
+    def load_state(self, own: list[torch.Tensor]) -> None:
+        if any(g.shape != (self.dim,) for g in own):
+            raise ZoodipError(f"the checkpoint's estimator state is not of this token's size for {self.settings.name}")
+
+
+class RGE(Estimator):
+    function = staticmethod(rge)
+    summary = "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"
+
+
+class SPSA(Estimator):
+    function = staticmethod(spsa)
+    summary = "two-sided SPSA (Eq. S11), SG, ZO-Adam"
+
+    @staticmethod
+    def passes(n: int) -> int:
+        return 2 * n
+
+
+class OnePoint(Estimator):
+    function = staticmethod(one_point)
+    summary = "one-point residual feedback (Eq. S12, times e_{i+1}: Zhang et al.), SG, ZO-Adam"
+
+
+class Antithetic(Estimator):
+    function = staticmethod(antithetic)
+    summary = "antithetic RGE (+/- pairs sharing L(theta)), SG, ZO-Adam"
+
+
+class Backprop(Estimator):
+    autograd = True
+    summary = "first-order Textual Inversion (backprop)"
+
+    @staticmethod
+    def passes(n: int) -> int:
+        return 1
+
+    def estimate(self, loss_fn: LossFn, theta: torch.Tensor, seeds: list[int]) -> Estimate:
+        return backprop(loss_fn, theta)
+
+
+class Guided(Estimator):
+    """Guided ES with its state: the last k updates of theta (unit vectors), whose span is U."""
+
+    summary = "Guided ES (N(0, Sigma) along recent updates; mean Sigma grad), SG, ZO-Adam"
+
+    def __init__(self, settings: EstimatorSettings, dim: int) -> None:
+        super().__init__(settings, dim)
+        self.recent: list[torch.Tensor] = []
+
+    def basis(self) -> torch.Tensor:
+        """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR), Guided ES's surrogate
+        gradients. Updates, not the estimates: Adam's updates average many steps, and with `unbiased` an estimate has
+        its in-subspace part shrunk by alpha / (alpha + (1 - alpha) D / k), so a span of estimates drifts into noise."""
+        if not self.recent:
+            return torch.zeros(self.dim, 0)
+        q, _ = torch.linalg.qr(torch.stack(self.recent, dim=1))
+        return q
+
+    def estimate(self, loss_fn: LossFn, theta: torch.Tensor, seeds: list[int]) -> Estimate:
+        s = self.settings
+        return guided(loss_fn, theta, s.n, s.mu, seeds, self.basis(), s.alpha, s.unbiased)
+
+    def observe(self, update: torch.Tensor, estimate: Estimate) -> None:
+        if float(update.norm()) > 0:
+            self.recent = [*self.recent, update / update.norm()][-self.settings.k :]
+
+    def state(self) -> list[torch.Tensor]:
+        return [g.clone() for g in self.recent]
+
+    def load_state(self, own: list[torch.Tensor]) -> None:
+        super().load_state(own)
+        self.recent = [g.clone() for g in own]
+
+
+class PRGF(Estimator):
+    """History-PRGF with its state: the previous gradient estimate, the next step's prior (none before the first)."""
+
+    summary = "History-PRGF (previous estimate as prior + n-1 random), SG, ZO-Adam"
+
+    def __init__(self, settings: EstimatorSettings, dim: int) -> None:
+        super().__init__(settings, dim)
+        self.prior: torch.Tensor | None = None
+
+    def estimate(self, loss_fn: LossFn, theta: torch.Tensor, seeds: list[int]) -> Estimate:
+        s = self.settings
+        return prgf(loss_fn, theta, s.n, s.mu, seeds, self.prior if self.prior is not None else torch.zeros(0))
+
+    def observe(self, update: torch.Tensor, estimate: Estimate) -> None:
+        self.prior = estimate.grad.clone()  # the estimate before SG's projection
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.prior.clone()] if self.prior is not None else []
+
+    def load_state(self, own: list[torch.Tensor]) -> None:
+        super().load_state(own)
+        self.prior = own[-1].clone() if own else None
+
+
+class HiZOO(Estimator):
+    """HiZOO-style RGE with its state: the running estimate of diag(H) (1 at the start: Sigma = I)."""
+
+    summary = "HiZOO-style diagonal-curvature RGE (+/- pairs, diag(H) EMA), SG, ZO-Adam"
+
+    def __init__(self, settings: EstimatorSettings, dim: int) -> None:
+        super().__init__(settings, dim)
+        self.hessian = torch.ones(dim)
+
+    @staticmethod
+    def passes(n: int) -> int:
+        return 2 * n + 1
+
+    def estimate(self, loss_fn: LossFn, theta: torch.Tensor, seeds: list[int]) -> Estimate:
+        s = self.settings
+        return hizoo(loss_fn, theta, s.n, s.mu, seeds, self.hessian, s.smoothing, s.clip)
+
+    def log(self) -> dict[str, float]:
+        return {"hessian_spread": float(self.hessian.max() / self.hessian.min())}
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.hessian.clone()]
+
+    def load_state(self, own: list[torch.Tensor]) -> None:
+        super().load_state(own)
+        if len(own) != 1:
+            raise ZoodipError("the checkpoint holds no diag(H) estimate of this token's size for estimator=hizoo")
+        self.hessian = own[0].clone()
+
+
+#: Every estimator by its `estimator` config name; zoodip/method/methods.py makes each a method, and
+#: tests/test_estimator_properties.py checks every entry's mean estimate against theory.
+ESTIMATORS: dict[str, type[Estimator]] = {
+    "rge": RGE,
+    "spsa": SPSA,
+    "one_point": OnePoint,
+    "antithetic": Antithetic,
+    "guided": Guided,
+    "hizoo": HiZOO,
+    "prgf": PRGF,
+    "backprop": Backprop,
+}

@@ -23,20 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from zoodip.errors import ZoodipError
 from zoodip.method import cmastate
-from zoodip.method.estimators import (
-    GRADIENT_ESTIMATORS,
-    Estimate,
-    LossFn,
-    backprop,
-    direction_seeds,
-    guided,
-    hizoo,
-    prgf,
-)
+from zoodip.method.estimators import ESTIMATORS, Estimate, Estimator, EstimatorSettings, LossFn, direction_seeds
 from zoodip.method.subspace import SubspaceGradient
 
 log = logging.getLogger("zoodip.method.methods")
@@ -55,18 +45,52 @@ class StepResult:
     applied: torch.Tensor | None = None  # what went to the optimizer: the estimate after SG's projection
 
 
-def make_optimizer(cfg: DictConfig, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The `optimizer` config group, read once (zoodip.schema.method_settings)."""
+
+    name: str = "adam"  # adam (ZO-Adam) | adamw (first-order TI) | sgd (ZO-SGD)
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd
+    schedule: str = "constant"
+    official_grad_scale: bool = False  # optimizer=zo_adam_official
+
+
+@dataclass(frozen=True)
+class GFTISettings:
+    """The `method=gfti` config group (S1.5)."""
+
+    intrinsic_dim: int = 256
+    population: int = 30
+    sigma: float = 1.0
+    alpha: float = 1.0
+    shared_sample: bool = True
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Everything a method reads, typed: built once from the composed config by zoodip.schema.method_settings."""
+
+    name: str  # the registry key: an estimator's name, or gfti
+    estimator: EstimatorSettings
+    optimizer: OptimizerSettings
+    sg_tau: int | None  # Subspace Gradient's tau (Algorithm 2); None: SG off
+    sg_nu: float
+    steps: int  # L, Algorithm 1's number of steps
+    seed: int  # drives the directions (and CMA-ES's sampling)
+    gfti: GFTISettings | None = None
+
+
+def make_optimizer(o: OptimizerSettings, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
     """ZO-Adam / ZO-SGD / AdamW: torch's own optimizers fed the gradient through `.grad`."""
-    o = cfg.optimizer
     if o.name == "adam":
-        return torch.optim.Adam(
-            [theta], lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
-        )
+        return torch.optim.Adam([theta], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "adamw":  # first-order TI: diffusers' textual_inversion.py (weight decay on the token rows only)
-        return torch.optim.AdamW(
-            [theta], lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
-        )
-    return torch.optim.SGD([theta], lr=float(o.lr), momentum=float(o.momentum), weight_decay=float(o.weight_decay))
+        return torch.optim.AdamW([theta], lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.SGD([theta], lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 SCHEDULES = ("constant", "cosine")
@@ -87,34 +111,14 @@ class GradientMethod:
 
     shared_sample = True  # every loss of a step at the same latent, noise, timestep and prompt
 
-    def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter) -> None:
-        self.name, self.theta = cfg.estimator.name, theta
-        self.autograd = self.name == "backprop"
-        self.n, self.mu, self.seed = int(cfg.estimator.n), float(cfg.estimator.mu), int(cfg.train.seed)
-        self.optimizer = make_optimizer(cfg, theta)
-        self.lr, self.steps = float(cfg.optimizer.lr), int(cfg.train.steps)
-        self.schedule = str(cfg.optimizer.get("schedule", "constant"))
-        self.sg = SubspaceGradient(int(cfg.sg.tau), float(cfg.sg.nu), theta.numel()) if cfg.sg.enabled else None
-        self.official_scale = bool(cfg.optimizer.get("official_grad_scale", False))
-        est = cfg.estimator
-        # estimator=guided: the last k updates of theta, whose span is U
-        self.recent: list[torch.Tensor] = []
-        self.k = int(est.get("k", 0)) if self.name == "guided" else 0
-        self.alpha, self.unbiased = float(est.get("alpha", 1.0)), bool(est.get("unbiased", False))
-        # estimator=prgf: the previous gradient estimate, the prior of History-PRGF (none before the first step)
-        self.prior: torch.Tensor | None = None
-        # estimator=hizoo: the running estimate of diag(H), HiZOO's Sigma^-1 up to scale (1 at the start: Sigma = I)
-        self.hessian = torch.ones(theta.numel()) if self.name == "hizoo" else None
-        self.smoothing, self.clip = float(est.get("smoothing", 0.0)), float(est.get("clip", 1.0))
-
-    def guided_basis(self) -> torch.Tensor:
-        """U (D, k'): orthonormal columns spanning the last k' <= k updates of theta (QR), Guided ES's surrogate
-        gradients. Updates, not the estimates: Adam's updates average many steps, and with `unbiased` an estimate has
-        its in-subspace part shrunk by alpha / (alpha + (1 - alpha) D / k), so a span of estimates drifts into noise."""
-        if not self.recent:
-            return torch.zeros(self.theta.numel(), 0)
-        q, _ = torch.linalg.qr(torch.stack(self.recent, dim=1))
-        return q
+    def __init__(self, settings: MethodSettings, theta: torch.nn.Parameter) -> None:
+        self.settings, self.theta = settings, theta
+        self.estimator = ESTIMATORS[settings.estimator.name](settings.estimator, theta.numel())
+        self.autograd = self.estimator.autograd
+        self.n = settings.estimator.n
+        self.optimizer = make_optimizer(settings.optimizer, theta)
+        tau = settings.sg_tau
+        self.sg = SubspaceGradient(tau, settings.sg_nu, theta.numel()) if tau is not None else None
 
     def official_grad_scale(self) -> float:
         """optimizer=zo_adam_official: the official code divides Eq. 3's sum by sqrt((d_eff + n - 1) / n) * n
@@ -123,39 +127,26 @@ class GradientMethod:
         return 1.0 / math.sqrt((self.theta.numel() - removed + self.n - 1) / self.n)
 
     def estimate(self, loss_fn: LossFn, step: int) -> Estimate:
-        """The gradient estimate of `step` at the current theta, from the estimator's state (guided's U, prgf's prior,
-        hizoo's diag(H), which hizoo updates in place); nothing is applied."""
-        theta = self.theta.detach()
-        seeds = direction_seeds(self.seed, step, self.n + 1)
-        if self.autograd:
-            return backprop(loss_fn, theta)
-        if self.name == "guided":
-            return guided(loss_fn, theta, self.n, self.mu, seeds, self.guided_basis(), self.alpha, self.unbiased)
-        if self.name == "prgf":
-            prior = self.prior if self.prior is not None else torch.zeros(0)
-            return prgf(loss_fn, theta, self.n, self.mu, seeds, prior)
-        if self.name == "hizoo":
-            return hizoo(loss_fn, theta, self.n, self.mu, seeds, self.hessian, self.smoothing, self.clip)
-        return GRADIENT_ESTIMATORS[self.name](loss_fn, theta, self.n, self.mu, seeds)
+        """The gradient estimate of `step` at the current theta (directions regenerated from the step's seeds, MeZO's
+        way); the estimator's own state is read, nothing is applied."""
+        seeds = direction_seeds(self.settings.seed, step, self.n + 1)
+        return self.estimator.estimate(loss_fn, self.theta.detach(), seeds)
 
     def step(self, loss_fn: LossFn, step: int) -> StepResult:
-        theta = self.theta
+        theta, opt = self.theta, self.settings.optimizer
         est = self.estimate(loss_fn, step)
         grad = self.sg.project(est.grad) if self.sg is not None else est.grad
-        if self.official_scale:
+        if opt.official_grad_scale:
             grad = grad * self.official_grad_scale()
         finite = math.isfinite(est.loss) and bool(torch.isfinite(est.losses).all()) and bool(torch.isfinite(grad).all())
         if finite:
-            before = theta.detach().clone() if self.k else None
+            before = theta.detach().clone()
             theta.grad = grad.to(theta.dtype)
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(self.lr, self.schedule, step, self.steps)
+                group["lr"] = learning_rate(opt.lr, opt.schedule, step, self.settings.steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if before is not None and float((update := theta.detach() - before).norm()) > 0:
-                self.recent = [*self.recent, update / update.norm()][-self.k :]
-            if self.name == "prgf":  # History-PRGF: this estimate (before SG's projection) is the next step's prior
-                self.prior = est.grad.clone()
+            self.estimator.observe(theta.detach() - before, est)
         row = {
             "grad_norm": float(est.grad.norm()),
             "projected_grad_norm": float(grad.norm()),
@@ -164,45 +155,22 @@ class GradientMethod:
         istar = self.sg.observe(theta, step) if self.sg is not None else None
         if istar is not None:
             row["sg_istar_over_tau"] = istar / self.sg.tau
-        if self.hessian is not None:
-            row["hessian_spread"] = float(self.hessian.max() / self.hessian.min())
+        row.update(self.estimator.log())
         return StepResult(est.loss, est.losses, finite, row, est.grad, grad)
-
-    def estimator_state(self) -> list[torch.Tensor]:
-        """The estimator's own state, copied: guided's recent updates, prgf's previous estimate (none before the
-        first step) or hizoo's diag(H) estimate (the checkpoint's `estimator` field)."""
-        if self.hessian is not None:
-            return [self.hessian.clone()]
-        if self.name == "prgf":
-            return [self.prior.clone()] if self.prior is not None else []
-        return [g.clone() for g in self.recent]
-
-    def load_estimator_state(self, own: list[torch.Tensor]) -> None:
-        own = [g.clone() for g in own]
-        if any(g.shape != (self.theta.numel(),) for g in own):
-            raise ZoodipError(f"the checkpoint's estimator state is not of this token's size for estimator={self.name}")
-        if self.hessian is not None:
-            if len(own) != 1:
-                raise ZoodipError("the checkpoint holds no diag(H) estimate of this token's size for estimator=hizoo")
-            self.hessian = own[0]
-        elif self.name == "prgf":
-            self.prior = own[-1] if own else None
-        else:
-            self.recent = own
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's and SG's state, and the estimator's own (`estimator_state`)."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "sg": self.sg.state_dict() if self.sg is not None else None,
-            "estimator": self.estimator_state(),
+            "estimator": self.estimator.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.sg is not None and state.get("sg") is not None:
             self.sg.load_state_dict(state["sg"])
-        self.load_estimator_state(state.get("estimator") or [])
+        self.estimator.load_state([g.clone() for g in state.get("estimator") or []])
 
 
 def pca_basis(tables: list[torch.Tensor], num_vectors: int, intrinsic_dim: int) -> torch.Tensor:
@@ -239,22 +207,24 @@ class CMAES:
 
     autograd = False
 
-    def __init__(self, cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
+    def __init__(
+        self, settings: MethodSettings, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int
+    ) -> None:
         import cma
 
-        m = cfg.method
+        m = settings.gfti or GFTISettings()
         self.theta, self.theta0 = theta, theta.detach().clone()
-        self.shared_sample = bool(m.shared_sample)
-        self.basis = pca_basis(tables, num_vectors, int(m.intrinsic_dim))
+        self.shared_sample = m.shared_sample
+        self.basis = pca_basis(tables, num_vectors, m.intrinsic_dim)
         if self.basis.shape[1] != theta.numel():
             raise ZoodipError(f"GF-TI's subspace has width {self.basis.shape[1]}, the token {theta.numel()}")
-        self.scale = gfti_scale(tables, int(m.intrinsic_dim), float(m.alpha), float(m.sigma))
+        self.scale = gfti_scale(tables, m.intrinsic_dim, m.alpha, m.sigma)
         never = {"maxiter": float("inf"), "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": 10**9}
-        options = {"popsize": int(m.population), "seed": int(cfg.train.seed) + 1, "verbose": -9, **never}
+        options = {"popsize": m.population, "seed": settings.seed + 1, "verbose": -9, **never}
         # cma samples from numpy's global RNG, which it seeds: that stream is kept here, swapped in for cma only
         # (`own_rng`), so that a checkpoint holds it and nothing else in the process draws from it.
         outside = cmastate.numpy_rng_state()
-        self.es = cma.CMAEvolutionStrategy(np.zeros(self.basis.shape[0]), float(m.sigma), options)
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.basis.shape[0]), m.sigma, options)
         self.rng_state = cmastate.numpy_rng_state()
         np.random.set_state(outside)
 
@@ -311,48 +281,27 @@ class MethodSpec:
     """One registry entry: whether it needs autograd, forward passes per step, and how it is built."""
 
     autograd: bool
-    passes: Callable[[DictConfig], int]
+    passes: Callable[[MethodSettings], int]
     build: Callable[..., GradientMethod | CMAES]
     summary: str
 
 
-def _gradient(cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], k: int) -> GradientMethod:
-    return GradientMethod(cfg, theta)
+def _gradient(settings: MethodSettings, theta: torch.nn.Parameter, tables: list[torch.Tensor], k: int):
+    return GradientMethod(settings, theta)
 
 
-def _n_plus_1(cfg: DictConfig) -> int:
-    return int(cfg.estimator.n) + 1
+def _estimator_method(estimator: type[Estimator]) -> MethodSpec:
+    return MethodSpec(estimator.autograd, lambda s: estimator.passes(s.estimator.n), _gradient, estimator.summary)
 
 
+#: Every way of learning the token: each estimator of zoodip/method/estimators.py inside Algorithm 1 (SG, the
+#: optimizer), and GF-TI. zoodip-train, its config check and zoodip-bench read it.
 METHODS: dict[str, MethodSpec] = {
-    "rge": MethodSpec(False, _n_plus_1, _gradient, "ZOODiP's RGE (Eq. 3), SG, ZO-Adam"),
-    "spsa": MethodSpec(False, lambda c: 2 * int(c.estimator.n), _gradient, "two-sided SPSA (Eq. S11), SG, ZO-Adam"),
-    "one_point": MethodSpec(
-        False, _n_plus_1, _gradient, "one-point residual feedback (Eq. S12, times e_{i+1}: Zhang et al.), SG, ZO-Adam"
-    ),
-    "antithetic": MethodSpec(False, _n_plus_1, _gradient, "antithetic RGE (+/- pairs sharing L(theta)), SG, ZO-Adam"),
-    "guided": MethodSpec(
-        False, _n_plus_1, _gradient, "Guided ES (N(0, Sigma) along recent updates; mean Sigma grad), SG, ZO-Adam"
-    ),
-    "hizoo": MethodSpec(
-        False,
-        lambda c: 2 * int(c.estimator.n) + 1,
-        _gradient,
-        "HiZOO-style diagonal-curvature RGE (+/- pairs, diag(H) EMA), SG, ZO-Adam",
-    ),
-    "prgf": MethodSpec(
-        False, _n_plus_1, _gradient, "History-PRGF (previous estimate as prior + n-1 random), SG, ZO-Adam"
-    ),
-    "backprop": MethodSpec(True, lambda c: 1, _gradient, "first-order Textual Inversion (backprop)"),
-    "gfti": MethodSpec(False, lambda c: int(c.method.population), CMAES, "GF-TI: CMA-ES in a PCA subspace"),
+    **{name: _estimator_method(estimator) for name, estimator in ESTIMATORS.items()},
+    "gfti": MethodSpec(False, lambda s: s.gfti.population, CMAES, "GF-TI: CMA-ES in a PCA subspace"),
 }
 
 
-def method_name(cfg: DictConfig) -> str:
-    """`method=gfti` names its method; `method=gradient` (the default) takes the estimator's name."""
-    return str(cfg.method.name)
-
-
-def build_method(cfg: DictConfig, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
-    """The registry entry of `cfg`, built around `theta` (tables: each text encoder's token-embedding table)."""
-    return METHODS[method_name(cfg)].build(cfg, theta, tables, num_vectors)
+def build_method(settings: MethodSettings, theta: torch.nn.Parameter, tables: list[torch.Tensor], num_vectors: int):
+    """The registry entry of `settings`, built around `theta` (tables: each text encoder's token-embedding table)."""
+    return METHODS[settings.name].build(settings, theta, tables, num_vectors)

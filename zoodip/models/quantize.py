@@ -53,7 +53,7 @@ INT8PACK_MAX_ROWS = 16
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_into_workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W = q * s (Eq. 2 inverted) for one layer, written into one buffer shared by every layer.
 
     Each forward dequantizes every layer; a fresh tensor per layer costs a page-faulting allocation (most
@@ -86,7 +86,7 @@ def _dequantized(self: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     either way, so a kept copy changes the speed, never the numbers."""
     copies = getattr(self, "_dequantized_copies", None)
     if copies is None:
-        return _dequantize_into_workspace(self.weight, dtype)
+        return dequantize_into_workspace(self.weight, dtype)
     if dtype not in copies:
         data, scale = self.weight._data, self.weight._scale
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable under no_grad forwards too

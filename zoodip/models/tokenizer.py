@@ -22,7 +22,7 @@ def _bpe_file() -> Path:
     return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-level alphabet: 256 printable characters, one per byte, in CLIP's order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -41,7 +41,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     with gzip.open(_bpe_file()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : NUM_MERGES + 1]
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     return {tok: i for i, tok in enumerate(tokens)}, merges
 

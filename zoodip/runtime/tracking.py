@@ -36,6 +36,13 @@ class Tracker:
             reinit="finish_previous",
         )
 
+    @classmethod
+    def disabled(cls) -> Tracker:
+        """A tracker whose every call is a no-op (the other ranks of a distributed run)."""
+        tracker = cls.__new__(cls)
+        tracker.run = None
+        return tracker
+
     @property
     def info(self) -> dict[str, Any] | None:
         if self.run is None:

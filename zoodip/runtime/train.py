@@ -7,13 +7,13 @@ import copy
 import logging
 import math
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from zoodip import CONF_DIR, __version__
+from zoodip import __version__
 from zoodip.analysis.pictures import write_run_pictures
+from zoodip.cli import hydra_app
 from zoodip.data.dataset import (
     TEMPLATES,
     Reference,
@@ -35,24 +36,23 @@ from zoodip.data.dataset import (
     read_reference_images,
 )
 from zoodip.data.planted import PlantedTask
-from zoodip.errors import EXIT_USAGE, ZoodipError
+from zoodip.errors import ZoodipError
 from zoodip.evaluation.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.method.estimators import LossFn, backprop
-from zoodip.method.methods import CMAES, METHODS, SCHEDULES, GradientMethod, StepResult, build_method, method_name
-from zoodip.method.objective import Objective, TextConditioner, check_compile
-from zoodip.method.timesteps import SAMPLERS, TimestepSampler
+from zoodip.method.methods import CMAES, METHODS, GradientMethod, StepResult, build_method
+from zoodip.method.objective import Objective, TextConditioner
+from zoodip.method.timesteps import TimestepSampler
 from zoodip.models.embeddings import write_run_sdxl_embedding
 from zoodip.models.loading import (
-    check_cpu_memory,
     load_components,
     peak_rss_bytes,
     resolve_device,
     resolve_dtype,
     set_cpu_memory,
 )
-from zoodip.models.quantize import QUANTIZATIONS, forward_mode, quantized_fraction, weights_by_component
-from zoodip.runtime import preemption
+from zoodip.models.quantize import forward_mode, quantized_fraction, weights_by_component
+from zoodip.runtime import distributed, preemption
 from zoodip.runtime.checkpoint import (
     TrainState,
     check_resumable,
@@ -62,98 +62,14 @@ from zoodip.runtime.checkpoint import (
     run_config,
     save_checkpoint,
 )
+from zoodip.runtime.distributed import Group
 from zoodip.runtime.health import Health
 from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
 from zoodip.runtime.runlock import run_lock
 from zoodip.runtime.tracking import Tracker
-from zoodip.schema import check_config
+from zoodip.schema import check_config, method_name, method_settings
 
 log = logging.getLogger("zoodip.runtime.train")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Reject bad settings before anything heavy is loaded: one sentence naming the key and the fix."""
-    est, sg, puts, opt = cfg.estimator, cfg.sg, cfg.puts, cfg.optimizer
-    name = method_name(cfg)
-    checks = [
-        (name in METHODS, f"method must be one of {', '.join(METHODS)}, got {name!r}"),
-        (isinstance(est.n, int) and est.n >= 1, f"estimator.n must be an integer >= 1, got {est.n!r}"),
-        (float(est.mu) > 0, f"estimator.mu must be > 0, got {est.mu!r}"),
-        (isinstance(sg.tau, int) and sg.tau >= 2, f"sg.tau must be an integer >= 2, got {sg.tau!r}"),
-        (0 < float(sg.nu) < 1, f"sg.nu must be in (0, 1), got {sg.nu!r}"),
-        (puts.kind in SAMPLERS, f"puts must be one of {', '.join(SAMPLERS)}, got {puts.kind!r}"),
-        (opt.name in ("adam", "adamw", "sgd"), f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}"),
-        (float(opt.lr) > 0, f"optimizer.lr must be > 0, got {opt.lr!r}"),
-        (
-            opt.get("schedule", "constant") in SCHEDULES,
-            f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.get('schedule')!r}",
-        ),
-        (
-            isinstance(cfg.train.steps, int) and cfg.train.steps >= 1,
-            f"train.steps must be >= 1, got {cfg.train.steps!r}",
-        ),
-        (cfg.quantization.weights in QUANTIZATIONS, f"quantization must be one of {', '.join(QUANTIZATIONS)}"),
-        (cfg.data.kind in ("dreambooth", "planted"), f"data must be dreambooth or planted, got {cfg.data.kind!r}"),
-        (
-            cfg.data.template in TEMPLATES,
-            f"data.template must be one of {', '.join(TEMPLATES)}, got {cfg.data.template!r}",
-        ),
-        (0 <= float(cfg.data.flip_p) <= 1, f"data.flip_p must be in [0, 1], got {cfg.data.flip_p!r}"),
-        (
-            not METHODS.get(name, METHODS["rge"]).autograd
-            or (cfg.quantization.weights, cfg.quantization.get("others")) in (("none", "none"), ("none", None)),
-            "estimator=backprop is the first-order TI baseline through an unquantized model: "
-            "add quantization=none, which also keeps the text encoder and VAE unquantized (or use experiments=ti)",
-        ),
-    ]
-    if cfg.optimizer.get("official_grad_scale") and (name in ("backprop", "gfti") or name not in METHODS):
-        raise ZoodipError(f"optimizer=zo_adam_official scales a zeroth-order gradient; method {name!r} has none")
-    if name == "gfti" and opt.get("schedule", "constant") != "constant":
-        raise ZoodipError("optimizer.schedule is the gradient methods' learning rate; method=gfti (CMA-ES) has none")
-    if name == "antithetic":
-        checks.append(
-            (est.n % 2 == 0, f"estimator=antithetic pairs +/- directions: estimator.n must be even, not {est.n}")
-        )
-    if puts.get("stratified"):
-        checks.append(
-            (
-                name in ("spsa", "antithetic") and puts.kind in ("puts", "uniform"),
-                "puts.stratified gives each +/- pair its own timestep, so that common random numbers still hold "
-                f"within a pair: it needs estimator=spsa or antithetic with puts=puts or uniform, not {name} "
-                f"with {puts.kind}",
-            )
-        )
-    if name == "guided":
-        checks.append((isinstance(est.k, int) and est.k >= 1, f"estimator.k must be an integer >= 1, got {est.k!r}"))
-        checks.append((0 < float(est.alpha) <= 1, f"estimator.alpha must be in (0, 1], got {est.alpha!r}"))
-    if name == "gfti":
-        m = cfg.method
-        checks += [
-            (
-                isinstance(m.population, int) and m.population >= 2,
-                f"method.population must be >= 2, got {m.population!r}",
-            ),
-            (
-                isinstance(m.intrinsic_dim, int) and m.intrinsic_dim >= 1,
-                f"method.intrinsic_dim must be an integer >= 1, got {m.intrinsic_dim!r}",
-            ),
-            (float(m.sigma) > 0 and float(m.alpha) > 0, "method.sigma and method.alpha must be > 0"),
-        ]
-    if puts.kind == "puts":
-        low, high = puts.t_low, puts.t_high
-        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high))
-        checks.append((integers, "puts.t_low and puts.t_high must be integers"))
-        checks.append(
-            (
-                not integers or 0 <= low < high,
-                f"puts.t_low must satisfy 0 <= t_low < t_high, got t_low={low}, t_high={high}",
-            )
-        )
-    for ok, message in checks:
-        if not ok:
-            raise ZoodipError(message)
-    check_cpu_memory(cfg.train.cpu_memory)
-    check_compile(cfg.train.compile, cfg.quantization.weights)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -196,7 +112,7 @@ def apply_forward_budget(cfg: DictConfig) -> None:
     name = method_name(cfg)
     if budget is None or name not in METHODS:
         return
-    per_step = METHODS[name].passes(cfg)
+    per_step = METHODS[name].passes(method_settings(cfg))
     if budget < per_step:
         raise ZoodipError(f"train.forward_budget={budget} is less than one step of {name} ({per_step} forward passes)")
     with open_dict(cfg):
@@ -242,13 +158,16 @@ class Setup:
     reference: Objective | None = None  # train.grad_cosine_every: the fp32 unquantized copy for the true gradient
 
 
-def load_training_data(cfg: DictConfig, run_dir: Path) -> tuple[torch.Tensor, list[str], list[str] | None]:
+def load_training_data(
+    cfg: DictConfig, run_dir: Path, write: bool = True
+) -> tuple[torch.Tensor, list[str], list[str] | None]:
     """The reference images (oriented, cropped, resized: read before a multi-GB model is loaded), their names and
     captions; references.png shows exactly what the model is trained on."""
     d = cfg.data
     refs = read_reference_images(d.path, int(d.resolution))
     sheet = image_grid(refs.images, cols=min(5, len(refs.images)))
-    atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    if write:
+        atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
     captions = load_captions(d.captions, d.subject, refs.names, refs.entries) or read_caption_files(
         d.path, refs.names, d.placeholder_token
     )
@@ -261,12 +180,13 @@ def load_training_data(cfg: DictConfig, run_dir: Path) -> tuple[torch.Tensor, li
     return refs.tensor(), refs.names, captions
 
 
-def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
-    """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method."""
+def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = True) -> Setup:
+    """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method (`main`: this
+    process writes files; the other ranks of a distributed run do not)."""
     dtype = resolve_dtype(cfg.model.dtype, device)
     quant, data_cfg = cfg.quantization.weights, cfg.data
     if data_cfg.kind == "dreambooth":
-        images, names, captions = load_training_data(cfg, run_dir)
+        images, names, captions = load_training_data(cfg, run_dir, write=main)
     initializer, source = initializer_word(cfg)
     if source == "model.initializer_token" and data_cfg.kind == "dreambooth":
         log.warning(
@@ -325,7 +245,7 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
         )
     parts.release_vae()  # reference latents are encoded: training holds no VAE
 
-    validator = Validator(cfg, parts, text) if int(cfg.eval.every) > 0 else None
+    validator = Validator(cfg, parts, text) if int(cfg.eval.every) > 0 and main else None
     if cfg.train.compile and device.type == "cpu":
         log.warning("train.compile=%s on the CPU: measured slower than eager there (BENCHMARKS.md)", cfg.train.compile)
     objective = Objective(
@@ -333,7 +253,7 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device) -> Setup:
     )
     theta = torch.nn.Parameter(theta0.clone())
     tables = [e.weight for e in text.embeddings]
-    method = build_method(cfg, theta, tables, int(data_cfg.num_vectors))
+    method = build_method(method_settings(cfg), theta, tables, int(data_cfg.num_vectors))
     reference = None
     if int(cfg.train.grad_cosine_every) > 0:  # diagnostics only: a second, fp32 and unquantized, copy of the model
         exact = load_components(
@@ -384,6 +304,7 @@ def training_step(
     quant: str,
     stratified: bool = False,
     reference: Objective | None = None,
+    group: Group | None = None,
 ) -> tuple[StepResult, int]:
     """One iteration of Algorithm 1 (zoodip-bench times this same function): draw (z, y) from the references,
     t from the sampler (PUTS, Eq. 9), eps ~ N(0, I), shared by every loss of the step (common random numbers);
@@ -391,7 +312,8 @@ def training_step(
 
     `stratified` (puts.stratified): each group of evaluations the estimator marks (its +/- pairs) gets its own t from
     `sampler.strata`, the rest of the sample shared. `reference` (train.grad_cosine_every): an fp32 unquantized copy
-    whose exact gradient at this step's sample is compared with the method's estimate (grad_cosine, update_cosine)."""
+    whose exact gradient at this step's sample is compared with the method's estimate (grad_cosine, update_cosine).
+    `group` (train.distributed): each rank evaluates its share of the candidates, the losses are all-reduced."""
     z0, prompt = data.sample(generator)
     t = sampler(generator)
     noise = torch.randn(z0.shape, generator=generator)
@@ -408,13 +330,19 @@ def training_step(
     with context():
         set_sample(t)
     losses = objective.losses if method.shared_sample else per_candidate_losses(objective, data, generator, t)
+    if group is not None and method.shared_sample:
+
+        def count(k: int) -> None:
+            objective.forward_passes += k
+
+        losses = group.spread(losses, count)
 
     def stratified_losses(thetas: torch.Tensor, groups: list[int]) -> torch.Tensor:
         out = torch.empty(len(groups))
         for group, timestep in enumerate(sampler.strata(generator, max(groups) + 1)):
             rows = [i for i, g in enumerate(groups) if g == group]
             set_sample(timestep)
-            out[rows] = objective.losses(thetas[rows]).float().cpu()
+            out[rows] = losses(thetas[rows]).float().cpu()
         return out
 
     def loss_fn(thetas: torch.Tensor, groups: list[int] | None = None) -> torch.Tensor:
@@ -432,13 +360,18 @@ def training_step(
     return result, t
 
 
-def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
-    """Algorithm 1 of the paper, with resumable state. Returns the metrics written to metrics.json."""
-    validate(cfg)
+def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None = None) -> dict[str, Any]:
+    """Algorithm 1 of the paper, with resumable state. Returns the metrics written to metrics.json. With a `group` of
+    several ranks (train.distributed) every rank runs this loop on the same seeds, evaluating its share of each step's
+    forward passes; rank 0 alone writes."""
+    group = group or Group()
+    writes = group.main
     device = resolve_device(cfg.train.device)
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
     if device.type == "cpu":
         set_cpu_memory(cfg.train.cpu_memory)
-    s = setup(cfg, run_dir, device)
+    s = setup(cfg, run_dir, device, main=writes)
     quant, theta, method, objective = cfg.quantization.weights, s.theta, s.method, s.objective
     planted = s.data if isinstance(s.data, PlantedTask) else None
     generator = torch.Generator().manual_seed(int(cfg.train.seed))
@@ -503,14 +436,16 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         raise Preempted(preemption.requested(), start)
     stratified, cosine_every = bool(cfg.puts.get("stratified")), int(cfg.train.grad_cosine_every)
     keep_every = int(cfg.train.keep_tokens_every)
-    if keep_every and start == 0:
+    if keep_every and start == 0 and writes:
         keep_token(run_dir, s.text, theta, 0, 0, wall_before)
     for step in bar:
         reference = s.reference if cosine_every and step % cosine_every == 0 else None
         passes_before = objective.forward_passes
-        result, t = training_step(method, objective, s.data, s.sampler, generator, step, quant, stratified, reference)
+        result, t = training_step(
+            method, objective, s.data, s.sampler, generator, step, quant, stratified, reference, group
+        )
         crossed = objective.forward_passes // keep_every > passes_before // keep_every if keep_every else False
-        if crossed or (keep_every and step == steps):  # and the final token, wherever the budget ends
+        if writes and (crossed or (keep_every and step == steps)):  # and the final token, wherever the budget ends
             wall = wall_before + time.perf_counter() - t_start
             keep_token(run_dir, s.text, theta, step, objective.forward_passes, wall)
         divergence = health.observe(result.loss if result.finite else float("nan"))
@@ -519,7 +454,8 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         if not result.finite:
             nonfinite += 1
             if nonfinite > int(cfg.train.max_nonfinite) or health.failed:
-                save_embeddings(run_dir, s.text, theta)  # non-finite steps skip their update: the last good token
+                if writes:  # non-finite steps skip their update: the last good token
+                    save_embeddings(run_dir, s.text, theta)
                 too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
                 raise FloatingPointError(health.failed or too_many)
         row = {
@@ -542,22 +478,41 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
         if cfg.train.progress:
             bar.set_postfix(loss=f"{row['loss']:.4g}", mem=f"{row['peak_memory_bytes'] / 2**30:.2f}G", refresh=False)
         elapsed = wall_before + time.perf_counter() - t_start
-        if cfg.train.save_every and step % int(cfg.train.save_every) == 0:
+        if writes and cfg.train.save_every and step % int(cfg.train.save_every) == 0:
             save_embeddings(run_dir, s.text, theta)
-        if cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
+        if writes and cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
-        if preemption.requested() and step < steps:  # SIGTERM / SIGINT / SIGUSR2: this step is done, stop here
-            write_checkpoint(step, elapsed)
-            write_history(run_dir, history)
-            save_embeddings(run_dir, s.text, theta)
-            raise Preempted(preemption.requested(), step)
+        # SIGTERM / SIGINT / SIGUSR2 on any rank: this step is done on every rank, all stop here
+        stop = group.stop_requested(bool(preemption.requested())) if step < steps else False
+        if stop:
+            if writes:
+                write_checkpoint(step, elapsed)
+                write_history(run_dir, history)
+                save_embeddings(run_dir, s.text, theta)
+            raise Preempted(preemption.requested() or signal.SIGTERM, step)
     bar.close()
     session_seconds = time.perf_counter() - t_start
-    save_embeddings(run_dir, s.text, theta)
-    write_history(run_dir, history)
-    write_run_pictures(run_dir, history, [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r], tracker)
+    if writes:
+        save_embeddings(run_dir, s.text, theta)
+        write_history(run_dir, history)
+        istar = [r["sg_istar_over_tau"] for r in history if "sg_istar_over_tau" in r]
+        write_run_pictures(run_dir, history, istar, tracker)
     metrics = summarize(cfg, s, history, start, nonfinite, wall_before + session_seconds, session_seconds, device)
+    if group.active:
+        ran = max(1, steps - start)
+        metrics["distributed"] = {
+            "world_size": group.world,
+            "floats_per_step": group.floats_sent / ran,
+            "collectives_per_step": group.collectives / ran,
+        }
+        log.info(
+            "train.distributed: %d ranks; each sent %.1f floats per step in %.1f collectives (the losses, and the stop "
+            "flag)",
+            group.world,
+            group.floats_sent / ran,
+            group.collectives / ran,
+        )
     if planted is not None:
         with forward_mode(quant):
             final_eval = planted.eval_loss(objective, theta.detach())
@@ -621,8 +576,31 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
     """Train, then write metrics.json whatever happened. Bad input raises ZoodipError (exit code 2); SIGTERM, SIGINT
     or SIGUSR2 end the current step, checkpoint and raise Preempted (exit code EXIT_PREEMPTED). One run at a time
     works in `run_dir` (its lock file); a refused run writes nothing there."""
-    check_config(cfg)  # types, limits, unknown keys: before anything is loaded or written
+    check_config(cfg)  # types, limits, choices, unknown keys, rules between knobs: before anything is loaded or written
     apply_forward_budget(cfg)
+    group = distributed.start(bool(cfg.train.distributed), resolve_device(cfg.train.device))
+    try:
+        if group.active:  # every rank works in rank 0's folder (each rank's Hydra may have named its own)
+            run_dir = Path(group.broadcast_object(str(run_dir)))
+        if not group.main:
+            return follow(cfg, run_dir, group)
+        return lead(cfg, run_dir, multirun, run_name, group)
+    finally:
+        group.close()
+
+
+def follow(cfg: DictConfig, run_dir: Path, group: Group) -> dict[str, Any]:
+    """A rank other than 0 of a distributed run: the same loop on the same seeds, reading rank 0's folder (its
+    checkpoint, a completed run) and writing nothing; rank 0 takes the lock, writes and evaluates."""
+    previous = completed_run(cfg, run_dir)
+    if previous is not None:
+        return previous
+    with preemption.handle_signals():
+        return train(cfg, run_dir, Tracker.disabled(), group)
+
+
+def lead(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: str | None, group: Group) -> dict[str, Any]:
+    """The run itself (rank 0 of a distributed one): the lock, the checks of a previous run, training, metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         previous = completed_run(cfg, run_dir)
@@ -633,7 +611,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
             check_resumable(checkpoint, cfg)
         try:
             with preemption.handle_signals():
-                return train_and_record(cfg, run_dir, multirun, run_name)
+                return train_and_record(cfg, run_dir, multirun, run_name, group)
         except Preempted as stop:
             preemption.hand_on(stop.signum)  # under submitit: requeue the job (and exit)
             raise
@@ -660,7 +638,9 @@ def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     return previous
 
 
-def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: str | None) -> dict[str, Any]:
+def train_and_record(
+    cfg: DictConfig, run_dir: Path, multirun: bool, run_name: str | None, group: Group | None = None
+) -> dict[str, Any]:
     """run()'s work inside the lock and the signal handlers: train, evaluate, write metrics.json."""
     tracker = Tracker(cfg, run_dir, job_type="train", name=run_name)
     started = time.perf_counter()
@@ -668,7 +648,7 @@ def train_and_record(cfg: DictConfig, run_dir: Path, multirun: bool, run_name: s
     try:
         if cfg.eval.enabled:  # fail before training when the evaluation could not run (e.g. missing CLIP)
             preflight(cfg)
-        metrics = train(cfg, run_dir, tracker)
+        metrics = train(cfg, run_dir, tracker, group)
     except Preempted as stop:
         metrics = {
             "status": "preempted",
@@ -796,43 +776,15 @@ def run_job(cfg: DictConfig, output_dir: Path, multirun: bool, name: str | None)
     return mean
 
 
-_TASK_STARTED = False
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> float | None:
-    global _TASK_STARTED
-    _TASK_STARTED = True
+def train_task(cfg: DictConfig) -> float | None:
+    """zoodip-train's task: one run (or one sweep job) in Hydra's output folder; returns the sweeper's objective."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        name = (hc.job.override_dirname or f"job{hc.job.num}") if multirun else None
-        value = run_job(cfg, Path(hc.runtime.output_dir), multirun, name)
-    except ZoodipError as err:
-        if multirun:
-            log.error("job rejected: %s", err)
-            return None
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USAGE) from None
-    except Preempted:  # a sweep stops too: the cluster (or the user) wants the machine back
-        raise SystemExit(EXIT_PREEMPTED) from None
-    except KeyboardInterrupt as err:
-        print(f"error: interrupted ({err or 'a second signal'})", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except Exception as err:
-        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    return value
+    name = (hc.job.override_dirname or f"job{hc.job.num}") if multirun else None
+    return run_job(cfg, Path(hc.runtime.output_dir), multirun, name)
 
 
-def main() -> None:
-    """Console entry point. Hydra's own config errors (unknown option, bad override) also exit with code 2."""
-    try:
-        hydra_main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and not _TASK_STARTED:
-            raise SystemExit(EXIT_USAGE) from None
-        raise
+main = hydra_app("train", train_task, failure="training failed")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from zoodip import CONF_DIR, ROOT
-from zoodip.errors import EXIT_USAGE, ZoodipError
+from zoodip.cli import hydra_app
+from zoodip.errors import ZoodipError
 from zoodip.io import atomic_write_text, write_json
 from zoodip.models.loading import peak_rss_bytes
 
@@ -47,7 +47,7 @@ class Method(NamedTuple):
 #: First-order TI as training composes it (experiments=ti): its optimizer, no SG, uniform timesteps.
 TI_TRAIN = ("optimizer=adamw", "sg=off", "puts=uniform")
 
-METHODS: dict[str, Method] = {
+BENCH_METHODS: dict[str, Method] = {
     "zoodip": Method("int8", "half", "rge"),
     "zoodip_n1": Method("int8", "half", "rge", n=1),
     "zoodip_batched": Method("int8", "half", "rge", batched=True),
@@ -106,9 +106,9 @@ CRASH_METHOD = "crash_for_test"
 
 
 def check_methods(methods: list[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS and m != CRASH_METHOD]
+    unknown = [m for m in methods if m not in BENCH_METHODS and m != CRASH_METHOD]
     if unknown:
-        raise ZoodipError(f"unknown bench method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        raise ZoodipError(f"unknown bench method(s) {', '.join(unknown)}; known: {', '.join(BENCH_METHODS)}")
 
 
 def failed(method: str, error: str) -> dict[str, Any]:
@@ -168,8 +168,9 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     from zoodip.models.loading import load_components, resolve_device, resolve_dtype, set_cpu_memory
     from zoodip.models.quantize import quantized_fraction
     from zoodip.runtime.train import training_step
+    from zoodip.schema import method_settings
 
-    weights, act, kind, n, batched, fast, compile_mode, others = METHODS[method]
+    weights, act, kind, n, batched, fast, compile_mode, others = BENCH_METHODS[method]
     device = resolve_device(spec["device"], "bench.device")
     cuda = device.type == "cuda"
     note = None
@@ -224,7 +225,7 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     else:  # exactly zoodip-train's step: the registry's method and train.training_step
         cfg = train_config(spec["arch"], kind, n, batched)
-        method = build_method(cfg, theta, [e.weight for e in text.embeddings], 1)
+        method = build_method(method_settings(cfg), theta, [e.weight for e in text.embeddings], 1)
         sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
         data = RandomLatents(latent)
         result["hyperparameters"] = {
@@ -421,35 +422,25 @@ def step_table(cfg: DictConfig, out: Path) -> None:
     print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
+def bench_task(cfg: DictConfig) -> None:
     b = cfg.bench
     out = Path(HydraConfig.get().runtime.output_dir)
     table = b.get("table", "auto")
     if table == "auto":
         table = "step" if cfg.model.arch == "toyworld" else "methods"
     if table not in ("methods", "step"):
-        print(f"error: bench.table must be auto, methods or step, got {table!r}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise ZoodipError(f"bench.table must be auto, methods or step, got {table!r}")
     if table == "step":
-        try:
-            step_table(cfg, out)
-        except ZoodipError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(EXIT_USAGE) from None
+        step_table(cfg, out)
         OmegaConf.save(cfg, out / "bench_config.yaml")
         return
-    try:
-        check_methods(list(b.methods))
-        from zoodip.models.loading import check_cpu_memory, resolve_device
+    check_methods(list(b.methods))
+    from zoodip.models.loading import check_cpu_memory, resolve_device
 
-        resolve_device(b.device, "bench.device")
-        check_cpu_memory(b.cpu_memory, "bench.cpu_memory")
-        if not (isinstance(b.steps, int) and b.steps >= 1 and isinstance(b.warmup, int) and b.warmup >= 0):
-            raise ZoodipError(f"bench.steps must be >= 1 and bench.warmup >= 0, got {b.steps!r} and {b.warmup!r}")
-    except ZoodipError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+    resolve_device(b.device, "bench.device")
+    check_cpu_memory(b.cpu_memory, "bench.cpu_memory")
+    if not (isinstance(b.steps, int) and b.steps >= 1 and isinstance(b.warmup, int) and b.warmup >= 0):
+        raise ZoodipError(f"bench.steps must be >= 1 and bench.warmup >= 0, got {b.steps!r} and {b.warmup!r}")
     resolution = int(b.resolution or cfg.model.resolution)
     spec = {
         "arch": cfg.model.arch,
@@ -473,6 +464,9 @@ def hydra_main(cfg: DictConfig) -> None:
     print(table)
     print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)
     OmegaConf.save(cfg, out / "bench_config.yaml")
+
+
+hydra_main = hydra_app("bench", bench_task)
 
 
 def main() -> None:

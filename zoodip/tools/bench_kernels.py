@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zoodip.models.quantize import _dequantize_into_workspace, quantize_weights, use_fast_cpu_int8
+from zoodip.models.quantize import dequantize_into_workspace, quantize_weights, use_fast_cpu_int8
 
 # (tokens, in_features, out_features): self-attention at 64x64, 32x32, 16x16 latents; GEGLU in and out;
 # cross-attention keys/values over the 77 prompt tokens.
@@ -45,7 +45,7 @@ def median_ms(repeats: int, fn, *inputs) -> float:
 
 
 def dequantized_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, _dequantize_into_workspace(layer.weight, x.dtype), layer.bias)
+    return F.linear(x, dequantize_into_workspace(layer.weight, x.dtype), layer.bias)
 
 
 def main(argv: list[str] | None = None) -> None:

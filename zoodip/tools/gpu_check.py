@@ -1,7 +1,7 @@
 """zoodip-gpu-check: one command that proves the CUDA path and measures the GPU targets.
 
-    python -m zoodip.tools.gpu_check mode=quick  # smoke runs of zoodip-train + zoodip-generate on CUDA (<= 3 min)
-    python -m zoodip.tools.gpu_check mode=full   # + zoodip-eval on the toy world, zoodip-bench, the verdicts (<= 8 min)
+    python -m zoodip.gpu_check mode=quick  # smoke runs of zoodip-train + zoodip-generate on CUDA (<= 3 min)
+    python -m zoodip.gpu_check mode=full   # + zoodip-eval on the toy world, zoodip-bench, the verdicts (<= 8 min)
 
 Every part runs in its own processes (`python -m zoodip.runtime.train` etc., so no console script is needed) with a
 timeout, and gpu-check.json / gpu-check.md are rewritten after every part: a crash, a hang or a killed command leaves
@@ -77,7 +77,7 @@ SMOKE_COMMON = (
     "data.initializer_token=dog",
 )
 
-#: The issue's targets (paper figures: 2.37 GB and 1.7x on an RTX 3090, 5 GB, 31 minutes).
+#: The GPU targets (paper figures: 2.37 GB and 1.7x on an RTX 3090, 5 GB, 31 minutes).
 SD15_PEAK_GB, SDXL_PEAK_GB, SPEED_RATIO, FULL_RUN_MINUTES = 1.6, 4.0, 3.0, 10.0
 #: The ZOODiP n=2 INT8 bench methods whose fastest sets the speed verdicts.
 FAST_VARIANTS = ("zoodip", "zoodip_batched", "zoodip_compile")
@@ -93,7 +93,7 @@ def check_device(name: str) -> str:
     if name != "cpu" and not torch.cuda.is_available():
         raise ZoodipError(
             f"zoodip-gpu-check needs a CUDA device and torch {torch.__version__} sees none; run it on a GPU machine "
-            "(README: GPU check)"
+            "(docs/gpu.md)"
         )
     return name
 
@@ -146,7 +146,7 @@ class Outcome:
 
 
 def child_env() -> dict[str, str]:
-    """The children import zoodip from this checkout (the GPU machine has no installed package, only PYTHONPATH)."""
+    """The children import zoodip from this checkout (an offline node may have no installed zoodip, only PYTHONPATH)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(ROOT) not in paths:
@@ -454,7 +454,7 @@ def run_time_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdicts(bench: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The issue's four GPU targets from the bench results so far (GB = 2^30 bytes)."""
+    """The four GPU targets from the bench results so far (GB = 2^30 bytes)."""
     sd15, sdxl = bench.get("sd15", []), bench.get("sdxl", [])
     sd15_target = f"SD1.5 INT8 device-wide peak <= {SD15_PEAK_GB:g} GB (paper 2.37 GB)"
     sdxl_target = f"SDXL INT8 device-wide peak <= {SDXL_PEAK_GB:g} GB (paper 5 GB)"

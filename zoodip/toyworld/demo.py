@@ -14,14 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 
-from zoodip import CONF_DIR
-from zoodip.errors import EXIT_USAGE, ZoodipError
+from zoodip.cli import hydra_app
+from zoodip.errors import ZoodipError
 from zoodip.evaluation.evaluate import evaluate_toyworld, prepare_config, reference_images
 from zoodip.runtime.train import run
 from zoodip.toyworld import world as toyworld
@@ -104,13 +103,11 @@ def demo(cfg: DictConfig, run_dir: Path) -> dict:
     return {"before": before, "after": after}
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
-    try:
-        demo(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ZoodipError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USAGE) from None
+def demo_task(cfg: DictConfig) -> None:
+    demo(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+hydra_main = hydra_app("train", demo_task)
 
 
 def main() -> None:

@@ -203,9 +203,9 @@ def world_vocabulary() -> tuple[dict[str, int], list[str]]:
     world's words (so each word is one token) and BOS / EOS, about 600 rows instead of CLIP's 49,408."""
     from collections import Counter
 
-    from zoodip.models.tokenizer import BOS, EOS, _bytes_to_unicode
+    from zoodip.models.tokenizer import BOS, EOS, bytes_to_unicode
 
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars]
     words = [list(w[:-1]) + [w[-1] + "</w>"] for w in WORDS]
     merges: list[str] = []
