@@ -428,8 +428,20 @@ def bench_task(cfg: DictConfig) -> None:
     table = b.get("table", "auto")
     if table == "auto":
         table = "step" if cfg.model.arch == "toyworld" else "methods"
-    if table not in ("methods", "step"):
-        raise ZoodipError(f"bench.table must be auto, methods or step, got {table!r}")
+    if table not in ("methods", "step", "distributed"):
+        raise ZoodipError(f"bench.table must be auto, methods, step or distributed, got {table!r}")
+    if table == "distributed":
+        from zoodip.tools import distbench
+
+        rows = distbench.distributed_table(cfg)
+        info = machine([])
+        write_json(out / "bench.json", {"machine": info, "table": "distributed", "rows": rows})
+        text = distbench.markdown(rows, f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+        atomic_write_text(out / "bench.md", text)
+        print(text)
+        print(f"zoodip-bench: {out / 'bench.json'}", file=sys.stderr)
+        OmegaConf.save(cfg, out / "bench_config.yaml")
+        return
     if table == "step":
         step_table(cfg, out)
         OmegaConf.save(cfg, out / "bench_config.yaml")
