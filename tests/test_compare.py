@@ -133,6 +133,7 @@ def test_compare_reuses_measured_curves(two_methods: Path, monkeypatch: pytest.M
     assert len(loads) == 1 and (pd.read_csv(two_methods / "compare" / "curves.csv")["pool"] == 3).all()
 
 
+@pytest.mark.slow  # the end-to-end comparison above runs the same scoring on every kept token
 def test_compare_final_tokens_only(two_methods: Path, tmp_path: Path) -> None:
     """compare.tokens=final scores each run's first and last token only, here on more images, into its own folder;
     the finals' pool losses are those of the full curve (same pool)."""

@@ -29,6 +29,7 @@ DOCS = [
             "evaluation.md",
             "benchmarking.md",
             "gpu.md",
+            "distributed.md",
         )
     ),
 ]

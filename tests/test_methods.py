@@ -367,7 +367,12 @@ def test_paper_presets_hold_the_papers_hyperparameters(preset, expected):
 
 @pytest.mark.parametrize(
     "estimator",
-    [("estimator=guided", "estimator.k=3"), ("estimator=hizoo",), ("estimator=prgf",)],
+    [
+        ("estimator=guided", "estimator.k=3"),
+        # the same checkpoint path (Estimator.state / load_state); their state itself is tested in-process
+        pytest.param(("estimator=hizoo",), marks=pytest.mark.slow),
+        pytest.param(("estimator=prgf",), marks=pytest.mark.slow),
+    ],
 )
 def test_stateful_estimators_resume_bit_identical(tmp_path, estimator):
     """guided and prgf keep their recent updates, hizoo its diag(H), in the checkpoint: 6 steps then raised to 9

@@ -247,6 +247,7 @@ def test_random_quantized_unet_has_default_init_statistics():
     assert torch.equal(a.get_submodule("conv_norm_out").weight, torch.ones_like(eager.conv_norm_out.weight))
 
 
+@pytest.mark.slow  # the allocator's behaviour (peak RSS), not a result: measured in BENCHMARKS.md
 def test_lean_cpu_heap_returns_large_blocks_at_once():
     """mallopt(M_MMAP_THRESHOLD, 1 MiB), in fresh processes: freed 2 MiB blocks leave the RSS at once (lean),
     where glibc's default keeps them in the heap (fast)."""

@@ -98,6 +98,7 @@ def run_step_table(tmp_path, *settings: str) -> tuple[subprocess.CompletedProces
     return proc, rows
 
 
+@pytest.mark.slow  # every row in a fresh process; the planning, the table and the errors are tested fast above
 def test_the_step_table_end_to_end(tmp_path):
     """One thread, two steps: the step and the floor, each in a fresh process, into bench.json and the table."""
     proc, rows = run_step_table(tmp_path)

@@ -97,9 +97,10 @@ def test_adhoc_sweep_with_a_failing_cell_then_report(tmp_path):
         statuses[job.name] = json.loads((job / "metrics.json").read_text())["status"]
     assert sorted(statuses.values()) == ["completed", "completed", "completed", "failed"]  # (600, 550) is invalid
 
-    # each job is its own W&B run in the sweep's group
+    # each job that starts is its own W&B run in the sweep's group (the refused one says why in metrics.json)
+    assert "t_low < t_high" in json.loads((sweep_dir / "2" / "metrics.json").read_text())["error"]
     run_dirs = sorted(sweep_dir.glob("*/wandb/offline-run-*"))
-    assert len(run_dirs) == 4
+    assert len(run_dirs) == 3
     records = zoodip("wandb", "leet", "inspect", "--json", str(run_dirs[0]), cwd=tmp_path).stdout
     run_record = next(r["run"] for r in map(json.loads, records.splitlines()) if r.get("type") == "run")
     assert run_record["job_type"] == "train" and run_record["run_group"].startswith("adhoc-")

@@ -136,6 +136,7 @@ REDUCED = [
 ]
 
 
+@pytest.mark.slow  # about a minute: the shipped world is fixed data, checked again whenever it is rebuilt
 def test_shipped_world_follows_text_and_a_broken_one_does_not(tmp_path):
     result = check(SHIPPED, images=8, scenes=REDUCED, progress=False)
     follow, scorer = result["text_following"], result["scorer_on_reconstructions"]

@@ -575,9 +575,16 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
 def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | None = None) -> dict[str, Any]:
     """Train, then write metrics.json whatever happened. Bad input raises ZoodipError (exit code 2); SIGTERM, SIGINT
     or SIGUSR2 end the current step, checkpoint and raise Preempted (exit code EXIT_PREEMPTED). One run at a time
-    works in `run_dir` (its lock file); a refused run writes nothing there."""
-    check_config(cfg)  # types, limits, choices, unknown keys, rules between knobs: before anything is loaded or written
-    apply_forward_budget(cfg)
+    works in `run_dir` (its lock file); a refused run writes nothing there, except in a sweep (`multirun`), where
+    its metrics.json says failed and why."""
+    try:  # types, limits, choices, unknown keys, rules between knobs: before anything is loaded
+        check_config(cfg)
+        apply_forward_budget(cfg)
+    except ZoodipError as err:
+        if multirun:  # a sweep's refused cell says why in its own folder, so the report marks it failed
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "metrics.json", {"status": "failed", "error": f"ZoodipError: {err}"})
+        raise
     group = distributed.start(bool(cfg.train.distributed), resolve_device(cfg.train.device))
     try:
         if group.active:  # every rank works in rank 0's folder (each rank's Hydra may have named its own)
