@@ -130,6 +130,25 @@ def test_a_bad_spec_is_one_sentence(tmp_path, monkeypatch, capfd, spec, message)
 
 
 def test_the_shipped_studies_load():
-    for name in ("toyworld_methods",):
+    sizes = {"toyworld_methods": 2 * 6 * 3, "tableS4_estimators": 3 * 6 * 3, "paper_budget": 3 * 12 * 3}
+    sizes["sg_paper_budget"] = 2 * 12 * 3
+    assert sorted(sizes) == sorted(p.stem for p in (study.ROOT / "studies").glob("*.yaml"))
+    for name, size in sizes.items():
         loaded = study.load_study(name)
-        assert loaded.name == name and len(loaded.jobs) == 2 * 6 * 3
+        assert loaded.name == name and len(loaded.jobs) == size
+
+
+def test_shards_split_the_jobs_and_a_bad_shard_is_one_sentence(tmp_path, monkeypatch, capfd):
+    spec = write_spec(tmp_path / "spec.yaml", {"rge": [], "spsa": []}, seeds=(0, 1, 2))
+    args = [f"spec={spec}", f"study.results_dir={tmp_path / 'r'}", "study.dry_run=true"]
+    listed = []
+    for shard in ("0/2", "1/2"):
+        assert zoodip_study(monkeypatch, *args, f"study.shard={shard}") == 0
+        out = capfd.readouterr().out
+        assert "0 of 6 jobs recorded" in out and f"3 to run in shard {shard}" in out
+        listed.append([line.split(":")[0].strip() for line in out.splitlines() if ": zoodip-train" in line])
+    assert listed[0] == ["rge__planted__s0", "rge__planted__s1", "rge__planted__s2"]
+    assert listed[1] == ["spsa__planted__s0", "spsa__planted__s1", "spsa__planted__s2"]
+    for bad in ("2/2", "x"):
+        assert zoodip_study(monkeypatch, *args, f"study.shard={bad}") == 2
+        assert "study.shard must be i/k" in capfd.readouterr().err

@@ -18,12 +18,15 @@ train.keep_tokens_every, to tokens/<arm>__<subject>__s<seed>/).
 Both writes are atomic, the token first: a row always has its token. Commit docs/results/<name>/ and the next sitting,
 on any machine, runs only what is left. A job interrupted on the same machine continues from its checkpoint
 (train.resume=auto); a failed job is not recorded (the next invocation tries it again) and the others carry on.
-`study.dry_run=true` lists what is left. Deleting a row reruns exactly that job.
+`study.dry_run=true` lists what is left. Deleting a row reruns exactly that job. `study.shard=i/k` runs every k-th job
+(from the i-th) so that k processes, GPUs or machines share a study; they append to runs.csv under a lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import logging
 import os
@@ -33,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -193,6 +197,26 @@ def check_recorded(study: Study, rows: list[dict[str, str]], csv_path: Path) -> 
             )
 
 
+def parse_shard(shard: Any) -> tuple[int, int]:
+    """study.shard="i/k": this process runs the jobs whose index in the spec is i modulo k (0 <= i < k)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", str(shard))
+    if match is None or not int(match.group(1)) < int(match.group(2)):
+        raise ZoodipError(f"study.shard must be i/k with 0 <= i < k (e.g. 0/2), got {shard!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) for a read-modify-write of runs.csv."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
@@ -248,12 +272,17 @@ def run_study(cfg: DictConfig) -> None:
     check_recorded(study, rows, csv_path)
     done = {(r.get("arm", ""), r.get("subject", ""), r.get("seed", "")) for r in rows}
     todo = [job for job in study.jobs if job.key not in done]
+    shard = cfg.study.get("shard")
+    if shard is not None:
+        index, count = parse_shard(shard)
+        todo = [job for job in todo if study.jobs.index(job) % count == index]
     max_jobs = cfg.study.max_jobs
     if max_jobs is not None and (not isinstance(max_jobs, int) or isinstance(max_jobs, bool) or max_jobs < 0):
         raise ZoodipError(f"study.max_jobs must be an integer >= 0 or null, got {max_jobs!r}")
+    recorded = sum(job.key in done for job in study.jobs)
     print(
-        f"zoodip-study {study.name}: {len(study.jobs) - len(todo)} of {len(study.jobs)} jobs recorded in "
-        f"{csv_path}; {len(todo)} to run",
+        f"zoodip-study {study.name}: {recorded} of {len(study.jobs)} jobs recorded in {csv_path}; {len(todo)} to run"
+        + (f" in shard {shard}" if shard is not None else ""),
         flush=True,
     )
     if cfg.study.dry_run:
@@ -289,8 +318,8 @@ def run_study(cfg: DictConfig) -> None:
                 flush=True,
             )
             continue
-        rows = [*read_rows(csv_path), row]
-        write_rows(csv_path, rows)
+        with locked(results / ".runs.csv.lock"):  # another shard may append at the same moment
+            write_rows(csv_path, [*read_rows(csv_path), row])
         print(
             f"zoodip-study {study.name}: recorded {job.label} in {csv_path} ({time.perf_counter() - started:.0f} s)",
             flush=True,
