@@ -67,6 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 from zoodip.analysis.pictures import plot_istar
 from zoodip.cli import hydra_app, multirun_dir_main
 from zoodip.errors import ZoodipError
+from zoodip.evaluation.evaluate import SUMMARY_KEYS
 from zoodip.io import atomic_write, atomic_write_text, read_json, write_json
 
 TRAIN_KEYS = [
@@ -83,16 +84,7 @@ TRAIN_KEYS = [
     "loss_ratio",
     "planted_cosine",
 ]
-EVAL_KEYS = [
-    "clip_t",
-    "clip_i",
-    "dino",
-    "dino_inter",
-    "subject_accuracy",
-    "prompt_accuracy",
-    "image_similarity",
-    "diversity",
-]
+EVAL_KEYS = [k for k in SUMMARY_KEYS if k != "images_per_second"]
 TOY_METRICS = ["subject_accuracy", "prompt_accuracy", "image_similarity"]  # eval=toyworld
 # +1: higher is better, -1: lower is better, 0: reported but never ranked.
 DIRECTION = {

@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler
 
 from zoodip.errors import cli_errors
+from zoodip.evaluation.evaluate import assemble_pipeline
 from zoodip.io import new_folder
 from zoodip.models.loading import load_components
 
@@ -23,27 +24,7 @@ def make_tiny(directory: str | Path, sdxl: bool = False, seed: int = 0, eval_mod
         "tiny_sdxl" if sdxl else "tiny", "random", None, torch.float32, torch.device("cpu"), "none", seed
     )
     scheduler = DDIMScheduler.from_config(parts.scheduler.config)
-    if sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            text_encoder_2=parts.text_encoders[1],
-            tokenizer=parts.tokenizers[0],
-            tokenizer_2=parts.tokenizers[1],
-            unet=parts.unet,
-            scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoders[0],
-            tokenizer=parts.tokenizers[0],
-            unet=parts.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = assemble_pipeline(parts, parts.vae, scheduler)
     with new_folder(directory) as staging:
         pipe.save_pretrained(staging)
         if eval_models:
