@@ -275,6 +275,46 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
 _OPTIONAL_ESTIMATOR = ("k", "alpha", "unbiased", "smoothing", "clip")
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What Algorithm 1's loop reads of the run (the `train` group and two knobs of others), typed, read once."""
+
+    steps: int  # L
+    seed: int
+    resume: str | None  # auto | null | a run folder
+    progress: bool
+    log_every: int
+    save_every: int  # 0: only at the end
+    checkpoint_every: int  # 0: never
+    keep_tokens_every: int  # forward passes; 0: never
+    grad_cosine_every: int  # 0: never
+    max_nonfinite: int
+    max_bad_steps: int
+    stratified: bool  # puts.stratified
+    validate_every: int  # eval.every: the cheap validation's period; 0: never
+    quantization: str  # quantization.weights: how the forwards run (forward_mode)
+
+
+def loop_settings(cfg: DictConfig) -> LoopSettings:
+    t = cfg.train
+    return LoopSettings(
+        steps=int(t.steps),
+        seed=int(t.seed),
+        resume=None if t.resume is None else str(t.resume),
+        progress=bool(t.progress),
+        log_every=int(t.log_every),
+        save_every=int(t.save_every),
+        checkpoint_every=int(t.checkpoint_every),
+        keep_tokens_every=int(t.keep_tokens_every),
+        grad_cosine_every=int(t.grad_cosine_every),
+        max_nonfinite=int(t.max_nonfinite),
+        max_bad_steps=int(t.max_bad_steps),
+        stratified=bool(cfg.puts.get("stratified")),
+        validate_every=int(cfg.eval.every),
+        quantization=str(cfg.quantization.weights),
+    )
+
+
 def _has(cfg: DictConfig, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None)

@@ -67,7 +67,7 @@ from zoodip.runtime.health import Health
 from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
 from zoodip.runtime.runlock import run_lock
 from zoodip.runtime.tracking import Tracker
-from zoodip.schema import check_config, method_name, method_settings
+from zoodip.schema import check_config, loop_settings, method_name, method_settings
 
 log = logging.getLogger("zoodip.runtime.train")
 
@@ -372,13 +372,14 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
     if device.type == "cpu":
         set_cpu_memory(cfg.train.cpu_memory)
     s = setup(cfg, run_dir, device, main=writes)
-    quant, theta, method, objective = cfg.quantization.weights, s.theta, s.method, s.objective
+    loop = loop_settings(cfg)
+    quant, theta, method, objective = loop.quantization, s.theta, s.method, s.objective
     planted = s.data if isinstance(s.data, PlantedTask) else None
-    generator = torch.Generator().manual_seed(int(cfg.train.seed))
+    generator = torch.Generator().manual_seed(loop.seed)
 
     history: list[dict[str, Any]] = []
     start, nonfinite, wall_before, initial_eval = 0, 0, 0.0, None
-    checkpoint = find_checkpoint(cfg.train.resume, run_dir)
+    checkpoint = find_checkpoint(loop.resume, run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         if state.theta.numel() != theta.numel():
@@ -419,23 +420,22 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
         )
         save_checkpoint(run_dir / "checkpoints", state)
 
-    steps = int(cfg.train.steps)
+    steps = loop.steps
     t_start = time.perf_counter()
     bar = tqdm(
         range(start + 1, steps + 1),
         initial=start,
         total=steps,
         desc="zoodip",
-        disable=not cfg.train.progress,
+        disable=not loop.progress,
         dynamic_ncols=True,
         file=sys.stderr,
         mininterval=0.5,
     )
-    health = Health(int(cfg.train.max_bad_steps), [r["loss"] for r in history])
+    health = Health(loop.max_bad_steps, [r["loss"] for r in history])
     if preemption.requested():  # a signal while the model loaded: the last checkpoint already holds this state
         raise Preempted(preemption.requested(), start)
-    stratified, cosine_every = bool(cfg.puts.get("stratified")), int(cfg.train.grad_cosine_every)
-    keep_every = int(cfg.train.keep_tokens_every)
+    stratified, cosine_every, keep_every = loop.stratified, loop.grad_cosine_every, loop.keep_tokens_every
     if keep_every and start == 0 and writes:
         keep_token(run_dir, s.text, theta, 0, 0, wall_before)
     for step in bar:
@@ -453,10 +453,10 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
             tracker.warn("divergence", divergence, step)
         if not result.finite:
             nonfinite += 1
-            if nonfinite > int(cfg.train.max_nonfinite) or health.failed:
+            if nonfinite > loop.max_nonfinite or health.failed:
                 if writes:  # non-finite steps skip their update: the last good token
                     save_embeddings(run_dir, s.text, theta)
-                too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={cfg.train.max_nonfinite})"
+                too_many = f"{nonfinite} steps had a non-finite loss (train.max_nonfinite={loop.max_nonfinite})"
                 raise FloatingPointError(health.failed or too_many)
         row = {
             "step": step,
@@ -468,19 +468,19 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
             "peak_memory_bytes": peak_memory_bytes(device),
         }
         refreshed = "sg_istar_over_tau" in row or "grad_cosine" in row
-        if step % int(cfg.train.log_every) == 0 or refreshed or step == steps:
+        if step % loop.log_every == 0 or refreshed or step == steps:
             history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if s.validator is not None and step % int(cfg.eval.every) == 0:  # a few images and a score, to watch
+        if s.validator is not None and step % loop.validate_every == 0:  # a few images and a score, to watch
             val = s.validator(theta.detach())
             tracker.log(val.metrics, step=step)
             tracker.log_images("val/images", val.images, val.captions, step=step)
-        if cfg.train.progress:
+        if loop.progress:
             bar.set_postfix(loss=f"{row['loss']:.4g}", mem=f"{row['peak_memory_bytes'] / 2**30:.2f}G", refresh=False)
         elapsed = wall_before + time.perf_counter() - t_start
-        if writes and cfg.train.save_every and step % int(cfg.train.save_every) == 0:
+        if writes and loop.save_every and step % loop.save_every == 0:
             save_embeddings(run_dir, s.text, theta)
-        if writes and cfg.train.checkpoint_every and step % int(cfg.train.checkpoint_every) == 0:
+        if writes and loop.checkpoint_every and step % loop.checkpoint_every == 0:
             write_checkpoint(step, elapsed)
             write_history(run_dir, history)
         # SIGTERM / SIGINT / SIGUSR2 on any rank: this step is done on every rank, all stop here
