@@ -181,6 +181,7 @@ def test_bad_settings_are_usage_errors(tmp_path, setting, message):
     assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.slow  # times every kernel on the UNet's shapes: a benchmark's print, about 40 s
 def test_kernel_tables_print(monkeypatch, capsys):
     """`python -m zoodip.tools.bench_kernels` on one small shape: both tables, one row per batch size and shape."""
     from zoodip.tools import bench_kernels

@@ -121,6 +121,7 @@ def test_batched_forwards_on_k_processes_agree_to_float_rounding(tmp_path):
     assert ((one - many).abs() <= 1e-6 * one.abs()).all()
 
 
+@pytest.mark.slow  # three launches of two processes, about a minute; each distributed step runs the stop flag fast
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes_exactly(tmp_path):
     common = ["estimator=rge", "estimator.batched=false", "train.seed=1", "train.checkpoint_every=5"]
     steps = "train.steps=60"
