@@ -98,11 +98,11 @@ def test_k_processes_learn_the_single_process_token(tmp_path, world, starter, ov
     metrics = json.loads((tmp_path / "many" / "metrics.json").read_text())
     single = json.loads((tmp_path / "one" / "metrics.json").read_text())
     # every rank counts the step's forward passes; only the losses (n + 1 for RGE, 2n for SPSA) and the stop flag
-    # travel: one float per candidate, and one more on every step but the last
+    # travel: one float per candidate, and one stop flag per step (checked before the first step, not after the last)
     per_step = single["forward_passes_per_step"]
     assert metrics["forward_passes"] == single["forward_passes"]
     shared = metrics["distributed"]
-    assert shared["world_size"] == world and shared["floats_per_step"] == per_step + 7 / 8
+    assert shared["world_size"] == world and shared["floats_per_step"] == per_step + 1
     # rank 0 alone writes: one metrics.json, one references sheet at most, no second run's files
     assert sorted(p.name for p in (tmp_path / "many").iterdir() if p.suffix == ".json") == ["metrics.json"]
 
@@ -173,3 +173,17 @@ def test_the_rendezvous_from_torchrun_or_slurm():
     env = distributed.environment({**slurm, "SLURM_JOB_NODELIST": "gpu[03-05,07]"})
     assert env == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "gpu03", "MASTER_PORT": "32345"}
     assert first_host("node1,node2") == "node1" and first_host("a-b[1-2]") == "a-b1" and first_host("x") == "x"
+
+
+def test_when_rank_0_is_refused_before_training_every_rank_stops_in_one_sentence(tmp_path):
+    """Rank 0 alone takes the run's lock; when another run holds it, rank 0 says so and the other rank, instead of
+    waiting for losses that never come, stops naming rank 0's reason."""
+    from zoodip.runtime.runlock import run_lock
+
+    tmp_path.mkdir(exist_ok=True)
+    with run_lock(tmp_path):
+        procs = launch(tmp_path, 2, ["train.steps=2"])
+        outputs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert "is in use by another zoodip run" in outputs[0]
+    assert "rank 0 stopped before training" in outputs[1]

@@ -136,14 +136,27 @@ def test_prompt_without_token_and_bad_scheduler(toy_run):
         prepare(compose_generate(f"embedding={toy_run.parent / 'sd.safetensors'}", "model=tiny_sdxl"))
 
 
-def test_command_line_errors_exit_2_and_never_touch_user_files(toy_run, tmp_path):
-    missing = zoodip("zoodip.evaluation.generate", "run_dir=/nonexistent/run", cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: run_dir=")
+def generate_main(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """zoodip-generate's console entry point in this process: (exit code, stderr)."""
+    from zoodip.evaluation.generate import main
+
+    monkeypatch.setattr(sys, "argv", ["zoodip-generate", *args])
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    return code, capfd.readouterr().err
+
+
+def test_command_line_errors_exit_2_and_never_touch_user_files(toy_run, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    code, err = generate_main(monkeypatch, capfd, "run_dir=/nonexistent/run")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: run_dir=")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    taken = zoodip(
-        "zoodip.evaluation.generate", f"run_dir={toy_run}", "num_images=1", f"hydra.run.dir={mine}", cwd=tmp_path
-    )
-    assert taken.returncode == 2 and "not an empty folder" in taken.stderr
+    code, err = generate_main(monkeypatch, capfd, f"run_dir={toy_run}", "num_images=1", f"hydra.run.dir={mine}")
+    assert code == 2 and "not an empty folder" in err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -171,13 +169,18 @@ def test_make_toyworld_writes_a_complete_world(tmp_path):
         make_toyworld(world, scale=0.01, progress=False)
 
 
-def test_bad_input_to_the_commands_exits_2(tmp_path):
-    cmd = [sys.executable, "-m", "zoodip.toyworld.make"]
+def test_bad_input_to_the_commands_exits_2(tmp_path, capfd):
+    """zoodip-make-toyworld's console entry point, in this process: one sentence and exit code 2."""
+    from zoodip.toyworld.make import main
+
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     for args in ([str(tmp_path / "full")], ["--check", str(tmp_path)], [str(tmp_path / "new"), "--minutes-scale", "0"]):
-        out = subprocess.run(cmd + args, capture_output=True, text=True, cwd=ROOT)
-        assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr, args
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capfd.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, args
 
 
 def test_toyworld_configs_compose():

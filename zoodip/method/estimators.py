@@ -335,7 +335,7 @@ class Guided(Estimator):
         return guided(loss_fn, theta, s.n, s.mu, seeds, self.basis(), s.alpha, s.unbiased)
 
     def observe(self, update: torch.Tensor, estimate: Estimate) -> None:
-        if float(update.norm()) > 0:
+        if self.settings.k > 0 and float(update.norm()) > 0:
             self.recent = [*self.recent, update / update.norm()][-self.settings.k :]
 
     def state(self) -> list[torch.Tensor]:

@@ -212,7 +212,9 @@ class CMAES:
     ) -> None:
         import cma
 
-        m = settings.gfti or GFTISettings()
+        if settings.gfti is None:
+            raise ZoodipError("method=gfti needs its settings (method.population, intrinsic_dim, sigma, alpha)")
+        m = settings.gfti
         self.theta, self.theta0 = theta, theta.detach().clone()
         self.shared_sample = m.shared_sample
         self.basis = pca_basis(tables, num_vectors, m.intrinsic_dim)

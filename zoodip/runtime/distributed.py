@@ -16,6 +16,7 @@ stops every rank after the same step (one more float per step: the stop flag).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ class Group:
     local_rank: int = 0
     floats_sent: int = 0  # floats this rank put into collectives after start-up (losses and stop flags)
     collectives: int = 0
-    _stop: bool = field(default=False, repr=False)
+    started: bool = field(default=False, repr=False)  # rank 0's go (or refusal) has been sent
 
     @property
     def main(self) -> bool:
@@ -92,6 +93,21 @@ class Group:
         self.floats_sent += tensor.numel()
         self.collectives += 1
 
+    def go(self) -> None:
+        """Start-up: rank 0 tells the others that its checks passed; a rank told otherwise raises ZoodipError."""
+        if not self.active or self.started:
+            return
+        self.started = True
+        verdict = self.broadcast_object("go" if self.main else None)
+        if verdict != "go":
+            raise ZoodipError(f"rank 0 stopped before training: {verdict}")
+
+    def refuse(self, reason: str) -> None:
+        """Rank 0 failed before `go`: send the reason, so the other ranks stop instead of waiting for losses."""
+        if self.active and self.main and not self.started:
+            self.started = True
+            self.broadcast_object(reason)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -103,10 +119,6 @@ class Group:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def close(self) -> None:
-        if self.active and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _collective_device() -> torch.device:
@@ -160,8 +172,9 @@ def start(enabled: bool, device: torch.device) -> Group:
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
+        torch.cuda.set_device(local % torch.cuda.device_count())  # all the node's GPUs, or only this task's
+    if not dist.is_initialized():  # once per process: several runs in one process (tuning_subjects) share it
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        atexit.register(dist.destroy_process_group)
     log.info("rank %d of %d (%s)", rank, world, backend)
     return Group(rank=rank, world=world, local_rank=local)

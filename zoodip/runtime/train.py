@@ -366,9 +366,10 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
     forward passes; rank 0 alone writes."""
     group = group or Group()
     writes = group.main
+    group.go()  # every rank starts only once rank 0 has passed its checks (lock, resume, evaluation preflight)
     device = resolve_device(cfg.train.device)
-    if group.active and device.type == "cuda":
-        device = torch.device("cuda", group.local_rank)
+    if group.active and device.type == "cuda":  # one GPU per process (each SLURM task may see only its own)
+        device = torch.device("cuda", group.local_rank % torch.cuda.device_count())
     if device.type == "cpu":
         set_cpu_memory(cfg.train.cpu_memory)
     s = setup(cfg, run_dir, device, main=writes)
@@ -427,14 +428,14 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
         initial=start,
         total=steps,
         desc="zoodip",
-        disable=not loop.progress,
+        disable=not loop.progress or not writes,
         dynamic_ncols=True,
         file=sys.stderr,
         mininterval=0.5,
     )
     health = Health(loop.max_bad_steps, [r["loss"] for r in history])
-    if preemption.requested():  # a signal while the model loaded: the last checkpoint already holds this state
-        raise Preempted(preemption.requested(), start)
+    if group.stop_requested(bool(preemption.requested())):  # a signal while the model loaded (on any rank)
+        raise Preempted(preemption.requested() or signal.SIGTERM, start)
     stratified, cosine_every, keep_every = loop.stratified, loop.grad_cosine_every, loop.keep_tokens_every
     if keep_every and start == 0 and writes:
         keep_token(run_dir, s.text, theta, 0, 0, wall_before)
@@ -490,6 +491,7 @@ def train(cfg: DictConfig, run_dir: Path, tracker: Tracker, group: Group | None 
                 write_checkpoint(step, elapsed)
                 write_history(run_dir, history)
                 save_embeddings(run_dir, s.text, theta)
+            group.barrier()  # no rank exits (and makes torchrun signal the others) before rank 0's checkpoint
             raise Preempted(preemption.requested() or signal.SIGTERM, step)
     bar.close()
     session_seconds = time.perf_counter() - t_start
@@ -581,7 +583,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
         check_config(cfg)
         apply_forward_budget(cfg)
     except ZoodipError as err:
-        if multirun:  # a sweep's refused cell says why in its own folder, so the report marks it failed
+        if multirun and not (run_dir / "metrics.json").exists():  # a sweep's refused cell says why in its folder
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "metrics.json", {"status": "failed", "error": f"ZoodipError: {err}"})
         raise
@@ -592,8 +594,9 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False, run_name: str | 
         if not group.main:
             return follow(cfg, run_dir, group)
         return lead(cfg, run_dir, multirun, run_name, group)
-    finally:
-        group.close()
+    except BaseException as err:
+        group.refuse(f"{type(err).__name__}: {err}")  # rank 0 stopped before training: the others stop too
+        raise
 
 
 def follow(cfg: DictConfig, run_dir: Path, group: Group) -> dict[str, Any]:
