@@ -17,6 +17,7 @@ stops every rank after the same step (one more float per step: the stop flag).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -106,7 +107,8 @@ class Group:
         """Rank 0 failed before `go`: send the reason, so the other ranks stop instead of waiting for losses."""
         if self.active and self.main and not self.started:
             self.started = True
-            self.broadcast_object(reason)
+            with contextlib.suppress(Exception):  # the other ranks may have stopped already, on the same error
+                self.broadcast_object(reason)
 
     def barrier(self) -> None:
         if self.active:
