@@ -95,6 +95,13 @@ def batched() -> pd.DataFrame:
     return frame.pivot_table(index=["subject", "seed"], columns="code", values="subject_accuracy").dropna()
 
 
+def paper_budget() -> pd.DataFrame:
+    """§3.2's record so far (zoodip-study spec=paper_budget): ZOODiP and TI paired by (subject, seed)."""
+    frame = pd.read_csv(HERE / "paper_budget" / "runs.csv")
+    table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
+    return table[["zoodip", "ti"]].dropna()
+
+
 def table_s4() -> pd.DataFrame:
     frame = pd.read_csv(HERE / "tableS4_estimators" / "runs.csv")
     return frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
@@ -128,6 +135,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
     b, s4 = batched(), table_s4()
     acc70, gap70 = finals70("subject_accuracy"), finals70("gap_closed")
     fast, spsa = main_summary(SG_OFF), main_summary(SPSA)
+    pb = paper_budget()
     s3 = "3-presets-zoodip-and-first-order-ti-on-the-six-subjects"
     s41, s42, s45 = (
         "41-table-3-sg-x-puts",
@@ -159,10 +167,10 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "The central claim at the paper's budget",
             "§3.2](#32-the-central-claim-at-the-papers-budget",
-            "in progress",
+            f"in progress (interim: {len(pb)} of 36 pairs)",
             "ZOODiP - TI, margin 0.05",
-            None,
-            "design stated",
+            recorded(pb["zoodip"], pb["ti"]),
+            "R (interim)",
         ),
         (
             "Batched step changes nothing",
