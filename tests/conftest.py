@@ -26,6 +26,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["model=tiny", "logger=none", "train.progress=false", "train.steps=6", "sg.tau=4"]
 
 
+def console(monkeypatch, capfd, main, name: str, *args: str) -> tuple[int, str]:
+    """A console entry point run in this process, as its script would call it: (exit code, stderr)."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    return code, capfd.readouterr().err
+
+
 def compose_train(*overrides: str) -> DictConfig:
     """The real `conf/train.yaml` composition, as `zoodip-train` would build it, with test overrides."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

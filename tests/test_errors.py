@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from conftest import compose_train
+from conftest import compose_train, console
 from PIL import Image
 
 from zoodip.errors import ZoodipError
@@ -116,17 +114,9 @@ def test_backprop_needs_an_unquantized_model(tmp_path):
 
 
 def cli(monkeypatch, capfd, *args: str) -> tuple[int, str]:
-    """zoodip-train's console entry point in this process (as the console script calls it): (exit code, stderr)."""
     from zoodip.runtime.train import main
 
-    monkeypatch.setattr(sys, "argv", ["zoodip-train", *args])
-    capfd.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    return code, capfd.readouterr().err
+    return console(monkeypatch, capfd, main, "zoodip-train", *args)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import console
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import save_file
@@ -137,17 +138,9 @@ def test_prompt_without_token_and_bad_scheduler(toy_run):
 
 
 def generate_main(monkeypatch, capfd, *args: str) -> tuple[int, str]:
-    """zoodip-generate's console entry point in this process: (exit code, stderr)."""
     from zoodip.evaluation.generate import main
 
-    monkeypatch.setattr(sys, "argv", ["zoodip-generate", *args])
-    capfd.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    return code, capfd.readouterr().err
+    return console(monkeypatch, capfd, main, "zoodip-generate", *args)
 
 
 def test_command_line_errors_exit_2_and_never_touch_user_files(toy_run, tmp_path, monkeypatch, capfd):
