@@ -339,8 +339,8 @@ def training_step(
 
     def stratified_losses(thetas: torch.Tensor, groups: list[int]) -> torch.Tensor:
         out = torch.empty(len(groups))
-        for group, timestep in enumerate(sampler.strata(generator, max(groups) + 1)):
-            rows = [i for i, g in enumerate(groups) if g == group]
+        for stratum, timestep in enumerate(sampler.strata(generator, max(groups) + 1)):
+            rows = [i for i, g in enumerate(groups) if g == stratum]
             set_sample(timestep)
             out[rows] = losses(thetas[rows]).float().cpu()
         return out
