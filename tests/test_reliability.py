@@ -245,6 +245,18 @@ def test_steps_up_logging_eval_and_progress_may_change(finished, overrides):
     check_resumable(record, compose_train(*COMMON, *[o for o in overrides if not o.startswith("hydra")]))
 
 
+def test_a_run_resumes_from_another_checkout_of_the_repository():
+    """The shipped assets (the toy world, its captions) sit at the same paths relative to each clone: a run moved
+    between clones or worktrees is the same math, while a path that points elsewhere is not."""
+    here = run_config(compose_train("experiments=toyworld"))
+    root = here["paths"]["root_dir"]
+    moved = json.loads(json.dumps(here).replace(root, "/elsewhere/clone"))
+    assert moved["data"]["captions"].startswith("/elsewhere/clone/") and math_differences(here, moved) == []
+    outside = json.loads(json.dumps(here))
+    outside["data"]["captions"] = "/elsewhere/captions.json"
+    assert math_differences(here, outside) == ["data.captions"]
+
+
 def test_train_steps_is_math_under_a_decaying_learning_rate():
     """A cosine schedule spans train.steps, so raising it changes the remaining updates: refused, unlike constant."""
     constant = [run_config(compose_train(*COMMON, f"train.steps={n}")) for n in (4, 8)]

@@ -224,8 +224,17 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _in_checkout(value: Any, root: Any) -> Any:
+    """A path inside the config's own checkout (paths.root_dir), written relative to it: the same run resumes from
+    another clone or worktree of the repository, where the shipped assets sit at the same relative paths."""
+    if isinstance(value, str) and isinstance(root, str) and root and (value == root or value.startswith(root + "/")):
+        return "<paths.root_dir>" + value[len(root) :]
+    return value
+
+
 def _math(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {k: v for key, sub in config.items() for k, v in _flatten(sub, key).items()}
+    root = (config.get("paths") or {}).get("root_dir")
+    flat = {k: _in_checkout(v, root) for key, sub in config.items() for k, v in _flatten(sub, key).items()}
     math_keys = MATH_KEYS
     if flat.get("optimizer.schedule", "constant") != "constant":  # a decaying lr spans train.steps: it is math too
         math_keys = (*MATH_KEYS, "train.steps")
