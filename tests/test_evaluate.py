@@ -1,6 +1,7 @@
 """zoodip-eval end to end on the tiny pipeline with tiny CLIP and DINOv2 folders (paper S1.1-S1.2, S3.3)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from zoodip.data.prompts import eval_prompts
 from zoodip.errors import ZoodipError
 from zoodip.evaluation.evaluate import Validator, evaluate_run, load_vae, main, preflight, prepare_config
 from zoodip.method.objective import TextConditioner
-from zoodip.models.loading import load_components
+from zoodip.models.loading import ModelSettings, load_components
 from zoodip.models.tiny import make_tiny
 from zoodip.runtime.train import run
 
@@ -122,6 +123,21 @@ def test_unknown_override_is_rejected(run_dir):
     assert prepare_config(cfg, {"eval": "quick"}).eval.num_inference_steps == 10
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"eval.images_per_prompt": 0}, "eval.images_per_prompt must be an integer >= 1, got 0"),
+        ({"eval.diversity_images": -1}, "eval.diversity_images must be an integer >= 0, got -1"),
+        ({"eval.kind": "clip"}, "eval.kind must be one of dreambooth, toyworld, got 'clip'"),
+        ({"eval.clip.backend": "jax"}, "eval.clip.backend must be one of transformers, open_clip, got 'jax'"),
+    ],
+)
+def test_a_bad_evaluation_setting_is_one_sentence_before_anything_is_written(run_dir, override, named):
+    """The eval.* knobs are the schema's (the same check as training's), applied to the run's re-read config."""
+    with pytest.raises(ZoodipError, match=re.escape(named)):
+        evaluate_run(run_dir, {**override, "logger": "none"})
+
+
 def test_preflight_checks_what_the_evaluation_needs(run_dir, shrink, tmp_path):
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     preflight(prepare_config(cfg, shrink))
@@ -192,8 +208,6 @@ def test_training_with_eval_enabled_and_validation(tmp_path, tiny_dir, subject_d
 
 def test_validation_vae_is_the_training_vae():
     """Validation during training rebuilds the released VAE of a random model: the same seeded weights."""
-    cfg = OmegaConf.create(
-        {"model": {"init": "random", "arch": "tiny", "seed": 3, "path": None}, "quantization": {"weights": "int8"}}
-    )
+    model = ModelSettings("tiny", "random", None, seed=3, weights="int8")
     parts = load_components("tiny", "random", None, torch.float32, torch.device("cpu"), "int8", seed=3)
-    assert same_weights(load_vae(cfg, torch.device("cpu"), torch.float32), parts.vae)
+    assert same_weights(load_vae(model, torch.device("cpu"), torch.float32), parts.vae)

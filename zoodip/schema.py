@@ -1,11 +1,11 @@
 """The config, read in one place: every knob's type, limit and allowed choices, the rules between knobs, and the
-typed settings the method is built from.
+typed settings everything below the entry points is built from.
 
 `check_config` is the one validator: a wrong type, a value past its limit, an unknown choice, a key that no config file
 defines or a broken rule between knobs (t_low < t_high, a method's needs) is one sentence naming the key (ZoodipError,
-exit code 2), before anything is loaded or written. `method_settings` turns the checked config into the frozen
-dataclasses the method layer takes (zoodip/method/), so that nothing below the entry point reads a DictConfig for the
-method's knobs.
+exit code 2), before anything is loaded or written. The checked config then becomes frozen dataclasses, once:
+`method_settings` (the method layer, zoodip/method/), `loop_settings` (Algorithm 1's loop), `model_settings` (the
+model loader) and `eval_settings` (the evaluation, the validation during training and zoodip-generate's pipeline).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from zoodip import CONF_DIR, ROOT
 from zoodip.data.dataset import TEMPLATES
 from zoodip.errors import ZoodipError
+from zoodip.evaluation.settings import ClipSettings, EvalSettings, GenerationSettings, Subject
 from zoodip.method.estimators import EstimatorSettings
 from zoodip.method.methods import METHODS, SCHEDULES, GFTISettings, MethodSettings, OptimizerSettings
 from zoodip.method.objective import check_compile
 from zoodip.method.timesteps import SAMPLERS
-from zoodip.models.loading import check_cpu_memory
+from zoodip.models.loading import ModelSettings, check_cpu_memory
 from zoodip.models.quantize import QUANTIZATIONS
 
 SEED_MAX = 2**63 - 1  # a signed 64-bit integer: what every seed reaches (the model builder packs it as one)
@@ -115,6 +116,16 @@ KNOBS: dict[str, Knob] = {
     "method.sigma": Knob(float, 0, open_low=True),
     "method.alpha": Knob(float, 0, open_low=True),
     "method.shared_sample": Knob(bool),
+    "eval.images_per_prompt": Knob(int, 1),
+    "eval.diversity_images": Knob(int, 0),
+    "eval.batch_size": Knob(int, 1),
+    "eval.num_inference_steps": Knob(int, 1),
+    "eval.guidance_scale": Knob(float, 0),  # <= 1: no classifier-free guidance
+    "eval.seed": Knob(int, 0, SEED_MAX),
+    "eval.use_class_token": Knob(bool),
+    "eval.living": Knob(bool, nullable=True),
+    "eval.validation.prompts": Knob(int, 1),
+    "eval.validation.images_per_prompt": Knob(int, 1),
 }
 BETA = Knob(float, 0, 1, open_high=True)
 # Every knob with a fixed set of values, and the values.
@@ -126,6 +137,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantization.weights": QUANTIZATIONS,
     "data.kind": ("dreambooth", "planted"),
     "data.template": tuple(TEMPLATES),
+    "eval.kind": ("dreambooth", "toyworld"),
+    "eval.clip.backend": ("transformers", "open_clip"),
 }
 GROUPS = ("paths", "method", "estimator", "sg", "puts", "optimizer", "data", "logger", "eval", "model", "quantization")
 
@@ -174,22 +187,27 @@ def check_config(cfg: DictConfig) -> None:
     check_rules(cfg)
 
 
-def check_knobs(cfg: DictConfig) -> None:
-    """Each knob alone: known keys, types, limits and choices."""
-    unknown = _unknown(cfg)
+def check_knobs(cfg: DictConfig, group: str | None = None) -> None:
+    """Each knob alone: known keys, types, limits and choices; with `group` (e.g. "eval"), only that group's knobs
+    (a finished run's config, re-read by zoodip-eval)."""
+    unknown = _unknown(cfg) if group is None else None
     if unknown:
         raise ZoodipError(
             f"unknown config key {unknown}: no zoodip config defines it; check its spelling "
             f"(python -m zoodip.runtime.train --help lists the keys)"
         )
     for key, knob in KNOBS.items():
+        if group is not None and not key.startswith(f"{group}."):
+            continue
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if (value is not None or _has(cfg, key)) and not knob.allows(value):
             raise ZoodipError(f"{key} must be {knob.describe()}, got {value!r}")
-    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
+    betas = OmegaConf.select(cfg, "optimizer.betas", default=None) if group in (None, "optimizer") else None
     if betas is not None and (len(betas) != 2 or not all(BETA.allows(b) for b in betas)):
         raise ZoodipError(f"optimizer.betas must be two numbers in [0, 1), got {list(betas)!r}")
     for key, options in CHOICES.items():
+        if group is not None and not key.startswith(f"{group}."):
+            continue
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if (value is not None or _has(cfg, key)) and value not in options:
             raise ZoodipError(f"{key} must be one of {', '.join(options)}, got {value!r}")
@@ -269,6 +287,76 @@ def method_settings(cfg: DictConfig) -> MethodSettings:
         steps=int(cfg.train.steps),
         seed=int(cfg.train.seed),
         gfti=gfti,
+    )
+
+
+def model_settings(cfg: DictConfig) -> ModelSettings:
+    """The `model` and `quantization` groups as the model loader takes them."""
+    m, q = cfg.model, cfg.get("quantization") or {}
+    weights = str(q.get("weights") or "none")
+    return ModelSettings(
+        arch=str(m.arch),
+        init=str(m.get("init") or "pretrained"),
+        path=None if m.get("path") is None else str(m.path),
+        dtype=str(m.get("dtype") or "auto"),
+        seed=int(m.get("seed") or 0),
+        resolution=int(m.resolution),
+        weights=weights,
+        others=str(q.get("others") or weights),  # runs from before quantization.others: as the U-Net
+        dequantized_copy=q.get("dequantized_copy"),
+    )
+
+
+def subject(cfg: DictConfig) -> Subject:
+    """The `data` group's identity of the subject, the initializer word falling back to the model's."""
+    d = cfg.data
+    initializer = d.get("initializer_token") or (cfg.model.get("initializer_token") if "model" in cfg else None)
+    return Subject(
+        kind=str(d.kind),
+        name=None if d.get("subject") is None else str(d.subject),
+        path=None if d.get("path") is None else str(d.path),
+        placeholder=str(d.placeholder_token),
+        initializer=initializer,
+    )
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    """The `eval` group of a run's config (its defaults merged: zoodip.evaluation.evaluate.prepare_config), checked
+    and typed."""
+    check_knobs(cfg, "eval")
+    ev = cfg.eval
+    clip = ev.clip
+    g = GenerationSettings(
+        seed=int(ev.seed),
+        num_inference_steps=int(ev.num_inference_steps),
+        guidance_scale=float(ev.guidance_scale),
+        batch_size=int(ev.batch_size),
+        scheduler=None if ev.scheduler is None else str(ev.scheduler),
+    )
+    return EvalSettings(
+        kind=str(ev.kind),
+        subject=subject(cfg),
+        model=model_settings(cfg),
+        other_model=None if ev.get("model") is None else str(ev.model),
+        generation=g,
+        images_per_prompt=int(ev.images_per_prompt),
+        diversity_images=int(ev.diversity_images),
+        use_class_token=bool(ev.use_class_token),
+        living=None if ev.living is None else bool(ev.living),
+        class_noun=None if ev.get("class_noun") is None else str(ev.class_noun),
+        clip=ClipSettings(
+            path=str(clip.path),
+            backend=str(clip.backend),
+            open_clip_model=clip.get("open_clip_model"),
+            open_clip_pretrained=clip.get("open_clip_pretrained"),
+        ),
+        dino=str(ev.dino.path),
+        scorer=None if ev.get("scorer") is None else str(ev.scorer),
+        device=str(ev.get("device") or cfg.train.device),
+        device_key="eval.device" if ev.get("device") else "train.device",  # unset: evaluate where training ran
+        validation_prompts=int(ev.validation.prompts),
+        validation_images_per_prompt=int(ev.validation.images_per_prompt),
+        progress=bool(cfg.train.get("progress", True)),
     )
 
 

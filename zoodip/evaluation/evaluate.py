@@ -65,20 +65,12 @@ from zoodip.evaluation.scoring import (
     dino_inter,
     dino_per_image,
 )
+from zoodip.evaluation.settings import ClipSettings, EvalSettings, GenerationSettings
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.method.objective import TextConditioner
-from zoodip.models.loading import (
-    Components,
-    arch_dir,
-    is_sdxl_arch,
-    load_components,
-    quantize_vae,
-    random_vae,
-    resolve_device,
-    resolve_dtype,
-    resolve_pretrained,
-)
+from zoodip.models.loading import Components, ModelSettings, arch_dir, quantize_vae, random_vae, resolve_device
 from zoodip.runtime.tracking import Tracker
+from zoodip.schema import eval_settings
 from zoodip.toyworld import world as toyworld
 
 log = logging.getLogger("zoodip.eval")
@@ -131,20 +123,8 @@ def run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> DictCo
     return prepare_config(OmegaConf.load(path), overrides)
 
 
-def _check(ev: DictConfig) -> None:
-    for key in ("images_per_prompt", "batch_size", "num_inference_steps"):
-        if not isinstance(ev[key], int) or ev[key] < 1:
-            raise ZoodipError(f"eval.{key} must be an integer >= 1, got {ev[key]!r}")
-    if not isinstance(ev.diversity_images, int) or ev.diversity_images < 0:
-        raise ZoodipError(f"eval.diversity_images must be an integer >= 0, got {ev.diversity_images!r}")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # inputs: embeddings, prompts, reference images
-
-
-def is_sdxl(cfg: DictConfig) -> bool:
-    return is_sdxl_arch(cfg.model.arch)
 
 
 def read_embeddings(run_dir: Path, placeholder: str, num_encoders: int) -> list[torch.Tensor]:
@@ -179,24 +159,23 @@ class PromptSet:
     living: bool
 
 
-def prompt_set(cfg: DictConfig) -> PromptSet:
-    """Living or object table from the subject table (Table S1), or eval.living; the class noun from the table,
-    else eval.class_noun, else the run's initializer word (data.initializer_token, else model.initializer_token).
-    Planted runs default to the object table."""
-    ev, data = cfg.eval, cfg.data
-    row = subject_table().get(data.subject)
-    noun = ev.get("class_noun") or (row["class"] if row else None) or data.initializer_token
-    noun = noun or (cfg.model.get("initializer_token") if "model" in cfg else None)
+def prompt_set(ev: EvalSettings) -> PromptSet:
+    """Living or object table from the subject table (Table S1), or eval.living; the class noun from eval.class_noun,
+    else the table, else the run's initializer word (data.initializer_token, else model.initializer_token). Planted
+    runs default to the object table."""
+    subject = ev.subject
+    row = subject_table().get(subject.name)
+    noun = ev.class_noun or (row["class"] if row else None) or subject.initializer
     living = ev.living if ev.living is not None else (row["living"].lower() == "true" if row else None)
-    if living is None and data.kind == "planted":
+    if living is None and subject.kind == "planted":
         living = False
     if not noun or living is None:
         raise ZoodipError(
-            f"data.subject={data.subject!r} is not a DreamBooth subject: set eval.living=true|false "
+            f"data.subject={subject.name!r} is not a DreamBooth subject: set eval.living=true|false "
             "(and eval.class_noun, e.g. eval.class_noun=toy) to pick its prompts"
         )
-    prompts = eval_prompts(data.placeholder_token, noun, bool(living), bool(ev.use_class_token))
-    return PromptSet(prompts, text_prompts(noun, bool(living)), noun, bool(living))
+    prompts = eval_prompts(subject.placeholder, noun, living, ev.use_class_token)
+    return PromptSet(prompts, text_prompts(noun, living), noun, living)
 
 
 def reference_images(path: str | None) -> list[Image.Image]:
@@ -205,9 +184,8 @@ def reference_images(path: str | None) -> list[Image.Image]:
     return read_reference_images(path).images
 
 
-def make_clip(ev: DictConfig, device: torch.device) -> ClipScorer:
+def make_clip(c: ClipSettings, device: torch.device) -> ClipScorer:
     """The S1.2 CLIP backbone (transformers or open_clip), from a hub id or a local folder."""
-    c = ev.clip
     return ClipScorer(
         c.path,
         device,
@@ -217,14 +195,14 @@ def make_clip(ev: DictConfig, device: torch.device) -> ClipScorer:
     )
 
 
-def backbone_ids(ev: DictConfig) -> dict[str, str]:
+def backbone_ids(ev: EvalSettings) -> dict[str, str]:
     """The scoring backbones as metrics.json records them: a hub id or folder, or open_clip:<model>:<pretrained>."""
     c = ev.clip
     if c.backend == "open_clip":
         clip = f"open_clip:{c.open_clip_model or OPEN_CLIP_MODEL}:{c.open_clip_pretrained or OPEN_CLIP_PRETRAINED}"
     else:
-        clip = str(c.path)
-    return {"clip": clip, "dino": str(ev.dino.path)}
+        clip = c.path
+    return {"clip": clip, "dino": ev.dino}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,34 +254,20 @@ def assemble_pipeline(parts: Components, vae: AutoencoderKL, scheduler: Schedule
 
 
 def build_pipeline(
-    cfg: DictConfig, device: torch.device, embeddings: list[torch.Tensor] | None = None
+    model: ModelSettings,
+    device: torch.device,
+    embeddings: list[torch.Tensor] | None = None,
+    placeholder: str | None = None,
+    scheduler: str | None = None,
 ) -> DiffusionPipeline:
-    """The pipeline for the evaluation images: the run's own model, quantized as in training (S1.3), unless
-    `eval.model` names a diffusers folder or hub id (then loaded unquantized). With `embeddings` (per text encoder,
-    from `read_embeddings`), the learned token is added with diffusers' load_textual_inversion."""
-    m, ev = cfg.model, cfg.eval
-    q = cfg.quantization
-    init, path, quant, others = (
-        ("pretrained", ev.model, "none", "none")
-        if ev.model
-        else (m.init, m.path, q.weights, q.get("others", q.weights))
-    )
-    dtype = resolve_dtype(m.dtype, device)
-    parts = load_components(
-        m.arch,
-        init,
-        path,
-        dtype,
-        device,
-        quant,
-        seed=int(m.seed),
-        others=others,
-        dequantized_copy=q.get("dequantized_copy"),
-    )
-    folder = resolve_pretrained(path, parts.is_sdxl) if init == "pretrained" else None
-    pipe = assemble_pipeline(parts, parts.vae, inference_scheduler(ev.scheduler, folder, parts.scheduler))
+    """The pipeline for the images: `model`, quantized as in training (S1.3; `EvalSettings.generation_model`). With
+    `embeddings` (per text encoder, from `read_embeddings`), the token `placeholder` is added with diffusers'
+    load_textual_inversion. `scheduler`: a diffusers class name (None: the model folder's own, else DDIM)."""
+    parts = model.load(device)
+    pipe = assemble_pipeline(parts, parts.vae, inference_scheduler(scheduler, model.folder(), parts.scheduler))
     if embeddings is not None:
-        placeholder = cfg.data.placeholder_token
+        if placeholder is None:
+            raise ValueError("build_pipeline: embeddings need their placeholder token")
         for encoder, tokenizer, rows in zip(parts.text_encoders, parts.tokenizers, embeddings, strict=True):
             # grow the table first without transformers' mean resizing (slow, and the rows are overwritten anyway)
             encoder.resize_token_embeddings(len(tokenizer) + len(rows), mean_resizing=False)
@@ -319,18 +283,23 @@ def build_pipeline(
 
 
 def generate(
-    pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], ev: DictConfig, resolution: int, bar=None
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    g: GenerationSettings,
+    resolution: int,
+    bar: tqdm | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), eval.batch_size at a time, each from its own seeded CPU generator."""
+    """One image per (prompt, seed), `g.batch_size` at a time, each from its own seeded CPU generator."""
     images: list[Image.Image] = []
-    step = int(ev.batch_size)
+    step = g.batch_size
     for i in range(0, len(prompts), step):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + step]]
         out = pipe(
             prompt=prompts[i : i + step],
             generator=gens,
-            num_inference_steps=int(ev.num_inference_steps),
-            guidance_scale=float(ev.guidance_scale),
+            num_inference_steps=g.num_inference_steps,
+            guidance_scale=g.guidance_scale,
             height=resolution,
             width=resolution,
             output_type="pil",
@@ -373,18 +342,17 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def preflight(cfg: DictConfig) -> None:
     """Check, before training starts, what the end-of-training evaluation will need: the eval.* settings, the
     prompt table, the reference images and the CLIP / DINOv2 weights (loaded on the CPU once, then dropped)."""
-    cfg = prepare_config(cfg)
-    _check(cfg.eval)
-    if cfg.eval.kind == "toyworld":
-        toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)
-        reference_images(cfg.data.path)
-        toyworld.load_scorer(cfg.eval.scorer)
+    ev = eval_settings(prepare_config(cfg))
+    if ev.kind == "toyworld":
+        toyworld.evaluation_prompts(ev.subject.placeholder, ev.subject.name)
+        reference_images(ev.subject.path)
+        toyworld.load_scorer(ev.scorer)
         return
-    prompt_set(cfg)
-    if cfg.data.kind == "dreambooth":
-        reference_images(cfg.data.path)
-    make_clip(cfg.eval, torch.device("cpu"))
-    DinoScorer(cfg.eval.dino.path)
+    prompt_set(ev)
+    if ev.subject.kind == "dreambooth":
+        reference_images(ev.subject.path)
+    make_clip(ev.clip, torch.device("cpu"))
+    DinoScorer(ev.dino)
 
 
 def evaluate_run(
@@ -403,29 +371,28 @@ def evaluate_run(
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
     cfg = run_config(run_dir, overrides) if cfg is None else prepare_config(cfg, overrides)
-    ev = cfg.eval
-    _check(ev)
+    ev = eval_settings(cfg)
     if ev.kind == "toyworld":
         return evaluate_toyworld(run_dir, cfg, tracker, started)
-    embeddings = read_embeddings(run_dir, cfg.data.placeholder_token, 2 if is_sdxl(cfg) else 1)
-    ps = prompt_set(cfg)
-    refs = reference_images(cfg.data.path) if cfg.data.kind == "dreambooth" else None
-    key = "eval.device" if ev.get("device") else "train.device"  # eval.device unset: evaluate where training ran
-    device = resolve_device(ev.get("device") or cfg.train.device, key)
+    subject = ev.subject
+    embeddings = read_embeddings(run_dir, subject.placeholder, 2 if ev.model.is_sdxl else 1)
+    ps = prompt_set(ev)
+    refs = reference_images(subject.path) if subject.kind == "dreambooth" else None
+    device = resolve_device(ev.device, ev.device_key)
 
-    clip, dino = make_clip(ev, device), DinoScorer(ev.dino.path, device)
+    clip, dino = make_clip(ev.clip, device), DinoScorer(ev.dino, device)
     ref_clip = clip.embed_images(refs) if refs else None
     ref_dino = dino.embed_images(refs) if refs else None
     text_emb = clip.embed_texts(ps.texts)
 
-    pipe = build_pipeline(cfg, device, embeddings)
-    n, d = int(ev.images_per_prompt), int(ev.diversity_images)
-    jobs = [(p, int(ev.seed) + j) for p in range(len(ps.prompts)) for j in range(n)]
-    jobs += [(0, int(ev.seed) + j) for j in range(n, d)]  # the rest of the diversity set (S3.3)
+    pipe = build_pipeline(ev.generation_model, device, embeddings, subject.placeholder, ev.generation.scheduler)
+    n, d, seed = ev.images_per_prompt, ev.diversity_images, ev.generation.seed
+    jobs = [(p, seed + j) for p in range(len(ps.prompts)) for j in range(n)]
+    jobs += [(0, seed + j) for j in range(n, d)]  # the rest of the diversity set (S3.3)
     scored = len(ps.prompts) * n
 
     t0 = time.perf_counter()
-    images = _generate_all(pipe, [ps.prompts[p] for p, _ in jobs], [s for _, s in jobs], cfg)
+    images = _generate_all(pipe, [ps.prompts[p] for p, _ in jobs], [s for _, s in jobs], ev)
     gen_seconds = time.perf_counter() - t0
 
     gen_clip = clip.embed_images(images[:scored])
@@ -440,7 +407,7 @@ def evaluate_run(
             "dino": dino_per_image(ref_dino, gen_dino[:scored]).tolist() if refs else float("nan"),
         }
     )
-    diversity = [i for i, (p, s) in enumerate(jobs) if p == 0 and s < int(ev.seed) + d]
+    diversity = [i for i, (p, s) in enumerate(jobs) if p == 0 and s < seed + d]
     per_prompt = [
         {
             "index": i,
@@ -469,8 +436,8 @@ def evaluate_run(
         "generation_seconds": gen_seconds,
         "class_noun": ps.class_noun,
         "living": ps.living,
-        "use_class_token": bool(ev.use_class_token),
-        **_protocol(cfg, pipe, device),
+        "use_class_token": ev.use_class_token,
+        **_protocol(ev, pipe, device),
     }
     names = [f"p{p:02d}_s{s:04d}.png" for p, s in jobs]
     metrics["seconds"] = time.perf_counter() - started
@@ -479,31 +446,26 @@ def evaluate_run(
     return metrics
 
 
-def _generate_all(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], cfg: DictConfig) -> list[Image.Image]:
+def _generate_all(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], ev: EvalSettings) -> list[Image.Image]:
     """`generate` with a progress bar over every image of an evaluation."""
     with tqdm(
-        total=len(prompts),
-        desc="zoodip-eval",
-        unit="img",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not cfg.train.get("progress", True),
+        total=len(prompts), desc="zoodip-eval", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not ev.progress
     ) as bar:
-        return generate(pipe, prompts, seeds, cfg.eval, int(cfg.model.resolution), bar)
+        return generate(pipe, prompts, seeds, ev.generation, ev.model.resolution, bar)
 
 
-def _protocol(cfg: DictConfig, pipe: DiffusionPipeline, device: torch.device) -> dict[str, Any]:
+def _protocol(ev: EvalSettings, pipe: DiffusionPipeline, device: torch.device) -> dict[str, Any]:
     """The generation settings every metrics.json records."""
-    ev = cfg.eval
+    model = ev.generation_model
     return {
-        "placeholder_token": cfg.data.placeholder_token,
-        "seed": int(ev.seed),
-        "resolution": int(cfg.model.resolution),
-        "num_inference_steps": int(ev.num_inference_steps),
-        "guidance_scale": float(ev.guidance_scale),
+        "placeholder_token": ev.subject.placeholder,
+        "seed": ev.generation.seed,
+        "resolution": ev.model.resolution,
+        "num_inference_steps": ev.generation.num_inference_steps,
+        "guidance_scale": ev.generation.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-        "model": ev.model or cfg.model.path or cfg.model.arch,
-        "quantization": "none" if ev.model else cfg.quantization.weights,
+        "model": model.path or model.arch,
+        "quantization": model.weights,
         "device": str(device),
     }
 
@@ -544,25 +506,25 @@ def evaluate_toyworld(
 
     `embeddings` (per text encoder, (k, d)) scores another token than the run's, e.g. the initializer word's."""
     started = time.perf_counter() if started is None else started
-    ev = cfg.eval
+    ev = eval_settings(cfg)
+    subject = ev.subject
     if embeddings is None:
-        embeddings = read_embeddings(run_dir, cfg.data.placeholder_token, 2 if is_sdxl(cfg) else 1)
-    prompts = toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)
-    refs = reference_images(cfg.data.path)
+        embeddings = read_embeddings(run_dir, subject.placeholder, 2 if ev.model.is_sdxl else 1)
+    prompts = toyworld.evaluation_prompts(subject.placeholder, subject.name)
+    refs = reference_images(subject.path)
     scorer = toyworld.load_scorer(ev.scorer)
-    key = "eval.device" if ev.get("device") else "train.device"
-    device = resolve_device(ev.get("device") or cfg.train.device, key)
-    pipe = build_pipeline(cfg, device, embeddings)
-    n = int(ev.images_per_prompt)
-    jobs = [(p, int(ev.seed) + j) for p in range(len(prompts)) for j in range(n)]
+    device = resolve_device(ev.device, ev.device_key)
+    pipe = build_pipeline(ev.generation_model, device, embeddings, subject.placeholder, ev.generation.scheduler)
+    n = ev.images_per_prompt
+    jobs = [(p, ev.generation.seed + j) for p in range(len(prompts)) for j in range(n)]
     t0 = time.perf_counter()
-    images = _generate_all(pipe, [prompts[p][0] for p, _ in jobs], [s for _, s in jobs], cfg)
+    images = _generate_all(pipe, [prompts[p][0] for p, _ in jobs], [s for _, s in jobs], ev)
     gen_seconds = time.perf_counter() - t0
     rows, scores = toyworld.score_images(
         scorer,
         images,
         refs,
-        cfg.data.subject,
+        subject.name,
         [prompts[p][1] for p, _ in jobs],
         [i for i, (p, _) in enumerate(jobs) if p == 0],
     )
@@ -583,7 +545,7 @@ def evaluate_toyworld(
         "kind": "toyworld",
         **scores,
         "per_prompt": per_prompt,
-        "subject": cfg.data.subject,
+        "subject": subject.name,
         "counts": {
             "prompts": len(prompts),
             "images_per_prompt": n,
@@ -593,7 +555,7 @@ def evaluate_toyworld(
         "backbones": {"scorer": str(ev.scorer)},
         "images_per_second": len(images) / gen_seconds if gen_seconds > 0 else None,
         "generation_seconds": gen_seconds,
-        **_protocol(cfg, pipe, device),
+        **_protocol(ev, pipe, device),
     }
     metrics["seconds"] = time.perf_counter() - started
     write_evaluation(run_dir, [f"p{p:02d}_s{s:04d}.png" for p, s in jobs], images, frame, metrics, refs)
@@ -655,16 +617,16 @@ def log_to_tracker(
 # the cheap validation during training (eval.every = K)
 
 
-def load_vae(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(m: ModelSettings, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
     """The run's VAE alone, quantized like the rest of the model (training releases its own VAE)."""
-    m, sdxl = cfg.model, is_sdxl(cfg)
-    if m.init == "pretrained":
-        vae = AutoencoderKL.from_pretrained(resolve_pretrained(m.path, sdxl) / "vae", torch_dtype=dtype)
+    folder = m.folder()
+    if folder is not None:
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
     else:  # the same seeded weights as load_components
         with torch.random.fork_rng(devices=[]):
-            vae = random_vae(arch_dir(m.arch), dtype, int(m.seed))
+            vae = random_vae(arch_dir(m.arch), dtype, m.seed)
     vae.requires_grad_(False).eval()
-    quantize_vae(vae, cfg.quantization.get("others", cfg.quantization.weights))  # INT4 runs keep the VAE INT8
+    quantize_vae(vae, m.others or m.weights)  # INT4 runs keep the VAE INT8
     return vae.to(device)
 
 
@@ -687,29 +649,28 @@ class Validator:
     """
 
     def __init__(self, cfg: DictConfig, parts: Components, text: TextConditioner) -> None:
-        self.cfg, self.parts, self.text = prepare_config(cfg), parts, text
+        self.ev, self.parts, self.text = eval_settings(prepare_config(cfg)), parts, text
         self.pipe: DiffusionPipeline | None = None
 
     def _setup(self) -> None:
-        cfg, parts, val = self.cfg, self.parts, self.cfg.eval.validation
-        k, n = int(val.prompts), int(val.images_per_prompt)
-        refs = reference_images(cfg.data.path) if cfg.data.kind == "dreambooth" else None
-        if cfg.eval.kind == "toyworld":
-            prompts = toyworld.evaluation_prompts(cfg.data.placeholder_token, cfg.data.subject)[:k]
+        ev, parts, subject = self.ev, self.parts, self.ev.subject
+        k, n = ev.validation_prompts, ev.validation_images_per_prompt
+        refs = reference_images(subject.path) if subject.kind == "dreambooth" else None
+        if ev.kind == "toyworld":
+            prompts = toyworld.evaluation_prompts(subject.placeholder, subject.name)[:k]
             self.prompts = [p for p, _ in prompts for _ in range(n)]
             self.backgrounds = [b for _, b in prompts for _ in range(n)]
-            self.scorer, self.refs = toyworld.load_scorer(cfg.eval.scorer), refs
+            self.scorer, self.refs = toyworld.load_scorer(ev.scorer), refs
         else:
-            ps = prompt_set(cfg)
+            ps = prompt_set(ev)
             k = min(k, len(ps.prompts))
             self.prompts = [ps.prompts[p] for p in range(k) for _ in range(n)]
-            self.clip = make_clip(cfg.eval, parts.device)
+            self.clip = make_clip(ev.clip, parts.device)
             self.texts = self.clip.embed_texts([ps.texts[p] for p in range(k) for _ in range(n)])
             self.refs = self.clip.embed_images(refs) if refs else None
-        self.seeds = [int(cfg.eval.seed) + j for _ in range(len(self.prompts) // n) for j in range(n)]
-        folder = resolve_pretrained(cfg.model.path, parts.is_sdxl) if cfg.model.init == "pretrained" else None
-        scheduler = inference_scheduler(cfg.eval.scheduler, folder, parts.scheduler)
-        self.pipe = assemble_pipeline(parts, load_vae(cfg, parts.device, parts.dtype), scheduler)
+        self.seeds = [ev.generation.seed + j for _ in range(len(self.prompts) // n) for j in range(n)]
+        scheduler = inference_scheduler(ev.generation.scheduler, ev.model.folder(), parts.scheduler)
+        self.pipe = assemble_pipeline(parts, load_vae(ev.model, parts.device, parts.dtype), scheduler)
 
     def __call__(self, theta: torch.Tensor) -> Validation:
         """Generate and score with token `theta` (the trainer's flat fp32 vector)."""
@@ -719,14 +680,14 @@ class Validator:
         for emb, r in zip(self.text.embeddings, rows, strict=True):
             emb.values = r[None].to(self.parts.device, self.parts.dtype)
         try:
-            images = generate(self.pipe, self.prompts, self.seeds, self.cfg.eval, int(self.cfg.model.resolution))
+            images = generate(self.pipe, self.prompts, self.seeds, self.ev.generation, self.ev.model.resolution)
         finally:
             for emb in self.text.embeddings:
                 emb.values = None
         captions = [f"{p} (seed {s})" for p, s in zip(self.prompts, self.seeds, strict=True)]
-        if self.cfg.eval.kind == "toyworld":
+        if self.ev.kind == "toyworld":
             _, scores = toyworld.score_images(
-                self.scorer, images, self.refs, self.cfg.data.subject, self.backgrounds, list(range(len(images)))
+                self.scorer, images, self.refs, self.ev.subject.name, self.backgrounds, list(range(len(images)))
             )
             return Validation({f"val/{k}": v for k, v in scores.items() if v is not None}, images, captions)
         gen = self.clip.embed_images(images)

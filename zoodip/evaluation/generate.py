@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ from PIL import Image
 from zoodip.analysis.pictures import enlarged
 from zoodip.cli import hydra_app
 from zoodip.errors import ZoodipError
-from zoodip.evaluation.evaluate import build_pipeline, generate, image_grid, is_sdxl, read_embeddings, run_config
+from zoodip.evaluation.evaluate import build_pipeline, generate, image_grid, read_embeddings, run_config
+from zoodip.evaluation.settings import GenerationSettings
 from zoodip.io import atomic_write, check_new_folder, current_umask, new_folder, write_json
 from zoodip.models.embeddings import load_embedding
-from zoodip.models.loading import resolve_device
+from zoodip.models.loading import ModelSettings, resolve_device
+from zoodip.schema import model_settings
 
 #: Short names for diffusers' schedulers (`scheduler=`); a diffusers class name works too.
 SCHEDULERS = {
@@ -48,36 +50,45 @@ SCHEDULERS = {
 
 @dataclass
 class Job:
-    """What to generate: the pipeline's config (model, quantization, token), the token's rows, the prompt."""
+    """What to generate: the (quantized) model, the token's rows and name, the prompt, the scheduler."""
 
-    model_cfg: DictConfig
+    model: ModelSettings
     rows: list[torch.Tensor]
     token: str
     prompt: str
+    generation: GenerationSettings  # the seed, steps, guidance, batch size and scheduler
+    num_images: int
+    resolution: int
+    device: str
+    source: dict[str, str | None]  # run_dir or embedding, as generate.json records them
+
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelSettings) if f.name not in ("weights", "others", "dequantized_copy"))
 
 
 def _user_model(cfg: DictConfig) -> dict[str, Any]:
     """The model keys given on the command line (a model= group or model.*=...), resolved, without the nulls."""
     given = OmegaConf.to_container(cfg.model, resolve=True)
-    return {k: v for k, v in given.items() if v is not None}
+    return {k: v for k, v in given.items() if v is not None and k in MODEL_KEYS}
 
 
-def _from_run(cfg: DictConfig) -> tuple[DictConfig, list[torch.Tensor], str]:
+def _from_run(cfg: DictConfig) -> tuple[ModelSettings, list[torch.Tensor], str]:
     run_dir = Path(str(cfg.run_dir)).expanduser()
     run = run_config(run_dir)
-    token = run.data.placeholder_token
-    rows = read_embeddings(run_dir, token, 2 if is_sdxl(run) else 1)
-    model = _user_model(cfg)
-    if "path" in model and "init" not in model:
-        model["init"] = "pretrained"  # another weights folder of the same architecture
-    run.model = OmegaConf.merge(run.model, model)
+    token = str(run.data.placeholder_token)
+    model = model_settings(run)
+    rows = read_embeddings(run_dir, token, 2 if model.is_sdxl else 1)
+    given = _user_model(cfg)
+    if "path" in given and "init" not in given:
+        given["init"] = "pretrained"  # another weights folder of the same architecture
+    model = replace(model, **given)
     if cfg.quantization.weights is not None:
-        run.quantization = cfg.quantization
-    run.quantization.others = run.quantization.get("others") or run.quantization.weights  # runs before `others`
-    return run, rows, cfg.token or token
+        q = cfg.quantization
+        model = replace(model, weights=str(q.weights), others=str(q.others or q.weights))
+    return model, rows, cfg.token or token
 
 
-def _from_file(cfg: DictConfig) -> tuple[DictConfig, list[torch.Tensor], str]:
+def _from_file(cfg: DictConfig) -> tuple[ModelSettings, list[torch.Tensor], str]:
     if cfg.model.get("arch") is None:
         raise ZoodipError("embedding= needs the model it was learned for: add model=sd15 (or sd21, sdxl, toyworld...)")
     name, rows = load_embedding(str(cfg.embedding), bool(cfg.allow_pickle))
@@ -86,9 +97,7 @@ def _from_file(cfg: DictConfig) -> tuple[DictConfig, list[torch.Tensor], str]:
         raise ZoodipError(f"{cfg.embedding} does not name its token (A1111 layout): add token='<name>'")
     weights = cfg.quantization.weights or "none"
     quantization = {"weights": weights, "others": cfg.quantization.others or weights}
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    run = OmegaConf.create({"model": model, "quantization": quantization, "data": {}})
-    return run, rows, token
+    return model_settings(OmegaConf.create({"model": cfg.model, "quantization": quantization})), rows, token
 
 
 def prepare(cfg: DictConfig) -> Job:
@@ -100,19 +109,26 @@ def prepare(cfg: DictConfig) -> Job:
             raise ZoodipError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     if not isinstance(cfg.guidance_scale, int | float):
         raise ZoodipError(f"guidance_scale must be a number, got {cfg.guidance_scale!r}")
-    run, rows, token = _from_run(cfg) if cfg.run_dir else _from_file(cfg)
-    encoders = 2 if is_sdxl(run) else 1
+    model, rows, token = _from_run(cfg) if cfg.run_dir else _from_file(cfg)
+    encoders = 2 if model.is_sdxl else 1
     if len(rows) != encoders:
         raise ZoodipError(
-            f"the token has rows for {len(rows)} text encoder(s) but model.arch={run.model.arch} has {encoders}; "
+            f"the token has rows for {len(rows)} text encoder(s) but model.arch={model.arch} has {encoders}; "
             "SDXL tokens need both (learned_embeds_2.safetensors beside the file, or one clip_l/clip_g file)"
         )
     prompt = cfg.prompt or f"a photo of {token}"
     if token not in prompt:
         raise ZoodipError(f"prompt={prompt!r} does not contain the token {token}; e.g. prompt='a photo of {token}'")
-    run.data.placeholder_token = token
-    run.eval = {"model": None, "scheduler": scheduler_class(cfg.scheduler)}
-    return Job(run, rows, token, prompt)
+    g = GenerationSettings(
+        int(cfg.seed),
+        int(cfg.num_inference_steps),
+        float(cfg.guidance_scale),
+        int(cfg.batch_size),
+        scheduler_class(cfg.scheduler),
+    )
+    resolution = int(cfg.resolution or model.resolution)
+    source = {"run_dir": cfg.run_dir and str(cfg.run_dir), "embedding": cfg.embedding and str(cfg.embedding)}
+    return Job(model, rows, token, prompt, g, int(cfg.num_images), resolution, str(cfg.device), source)
 
 
 def scheduler_class(name: str | None) -> str | None:
@@ -129,7 +145,7 @@ def scheduler_class(name: str | None) -> str | None:
 
 def load_pipeline(job: Job, device: torch.device) -> DiffusionPipeline:
     """The (quantized) model with the token added to every text encoder by diffusers' load_textual_inversion."""
-    return build_pipeline(job.model_cfg, device, job.rows)
+    return build_pipeline(job.model, device, job.rows, job.token, job.generation.scheduler)
 
 
 def write_outputs(folder: Path, images: list[Image.Image], names: list[str], settings: dict[str, Any]) -> None:
@@ -147,31 +163,29 @@ def run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     """Generate `num_images` images of `prompt` (seeds seed + j) into `folder`; returns generate.json's content."""
     job = prepare(cfg)
     check_new_folder(folder)  # before the model is loaded
-    device = resolve_device(cfg.device, "device")
+    device = resolve_device(job.device, "device")
     started = time.perf_counter()
     pipe = load_pipeline(job, device)
-    resolution = int(cfg.resolution or job.model_cfg.model.resolution)
-    seeds = [int(cfg.seed) + j for j in range(int(cfg.num_images))]
-    ev = OmegaConf.create({k: cfg[k] for k in ("batch_size", "num_inference_steps", "guidance_scale")})
-    images = generate(pipe, [job.prompt] * len(seeds), seeds, ev, resolution)
+    g = job.generation
+    seeds = [g.seed + j for j in range(job.num_images)]
+    images = generate(pipe, [job.prompt] * len(seeds), seeds, g, job.resolution)
     names = [f"{j:02d}_s{s:04d}.png" for j, s in enumerate(seeds)]
-    m = job.model_cfg.model
+    m = job.model
     settings = {
         "prompt": job.prompt,
         "token": job.token,
         "seeds": seeds,
         "images": names,
         "grid": "grid.png",
-        "num_inference_steps": int(cfg.num_inference_steps),
-        "guidance_scale": float(cfg.guidance_scale),
+        "num_inference_steps": g.num_inference_steps,
+        "guidance_scale": g.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-        "resolution": resolution,
+        "resolution": job.resolution,
         "device": str(device),
-        "run_dir": cfg.run_dir and str(cfg.run_dir),
-        "embedding": cfg.embedding and str(cfg.embedding),
-        "model": m.path if m.get("init", "pretrained") == "pretrained" else f"random:{m.arch}:seed{m.get('seed', 0)}",
+        **job.source,
+        "model": m.path if m.init == "pretrained" else f"random:{m.arch}:seed{m.seed}",
         "model_arch": m.arch,
-        "quantization": job.model_cfg.quantization.weights,
+        "quantization": m.weights,
         "seconds": time.perf_counter() - started,
     }
     write_outputs(folder, images, names, settings)

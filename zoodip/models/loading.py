@@ -352,6 +352,44 @@ def random_tokenizers(arch: str) -> list[CLIPTokenizer]:
     return [cached_clip_tokenizer(pads[name]) for name in names]
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model a run loads: the `model` group's weights and the `quantization` group, typed once by
+    `zoodip.schema.model_settings`."""
+
+    arch: str
+    init: str = "pretrained"  # pretrained | random (seeded)
+    path: str | None = None  # hub id or diffusers folder (init=pretrained)
+    dtype: str = "auto"
+    seed: int = 0
+    resolution: int = 512
+    weights: str = "none"  # quantization.weights: the U-Net's
+    others: str | None = None  # quantization.others: the VAE's and the text encoder(s)'; None: as `weights`
+    dequantized_copy: bool | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return is_sdxl_arch(self.arch)
+
+    def folder(self) -> Path | None:
+        """The local diffusers folder of pretrained weights; None for seeded random ones."""
+        return resolve_pretrained(self.path, self.is_sdxl) if self.init == "pretrained" else None
+
+    def load(self, device: torch.device, dtype: torch.dtype | None = None) -> Components:
+        """`load_components` with these settings (`dtype`: the activations, default `self.dtype` on `device`)."""
+        return load_components(
+            self.arch,
+            self.init,
+            self.path,
+            dtype or resolve_dtype(self.dtype, device),
+            device,
+            self.weights,
+            seed=self.seed,
+            others=self.others,
+            dequantized_copy=self.dequantized_copy,
+        )
+
+
 def load_components(
     arch: str,
     init: str,

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ from zoodip.method.objective import Objective, TextConditioner
 from zoodip.method.timesteps import TimestepSampler
 from zoodip.models.embeddings import write_run_sdxl_embedding
 from zoodip.models.loading import (
-    load_components,
     peak_rss_bytes,
     resolve_device,
     resolve_dtype,
@@ -67,7 +66,7 @@ from zoodip.runtime.health import Health
 from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
 from zoodip.runtime.runlock import run_lock
 from zoodip.runtime.tracking import Tracker
-from zoodip.schema import check_config, loop_settings, method_name, method_settings
+from zoodip.schema import check_config, loop_settings, method_name, method_settings, model_settings
 
 log = logging.getLogger("zoodip.runtime.train")
 
@@ -183,8 +182,8 @@ def load_training_data(
 def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = True) -> Setup:
     """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method (`main`: this
     process writes files; the other ranks of a distributed run do not)."""
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    quant, data_cfg = cfg.quantization.weights, cfg.data
+    model, data_cfg = model_settings(cfg), cfg.data
+    dtype = resolve_dtype(model.dtype, device)
     if data_cfg.kind == "dreambooth":
         images, names, captions = load_training_data(cfg, run_dir, write=main)
     initializer, source = initializer_word(cfg)
@@ -196,18 +195,8 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = Tru
             data_cfg.subject,
             initializer,
         )
-    log.info("loading %s (%s, %s weights, %s activations) on %s", cfg.model.arch, cfg.model.init, quant, dtype, device)
-    parts = load_components(
-        cfg.model.arch,
-        cfg.model.init,
-        cfg.model.path,
-        dtype,
-        device,
-        quant,
-        seed=int(cfg.model.seed),
-        others=cfg.quantization.others,
-        dequantized_copy=cfg.quantization.get("dequantized_copy"),
-    )
+    log.info("loading %s (%s, %s weights, %s activations) on %s", model.arch, model.init, model.weights, dtype, device)
+    parts = model.load(device, dtype)
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
         raise ZoodipError(f"puts.t_high={cfg.puts.t_high} is beyond the model's {num_t} training timesteps")
@@ -256,16 +245,7 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = Tru
     method = build_method(method_settings(cfg), theta, tables, int(data_cfg.num_vectors))
     reference = None
     if int(cfg.train.grad_cosine_every) > 0:  # diagnostics only: a second, fp32 and unquantized, copy of the model
-        exact = load_components(
-            cfg.model.arch,
-            cfg.model.init,
-            cfg.model.path,
-            torch.float32,
-            device,
-            "none",
-            seed=int(cfg.model.seed),
-            others="none",
-        )
+        exact = replace(model, weights="none", others="none", dequantized_copy=None).load(device, torch.float32)
         exact.release_vae()
         reference_text = TextConditioner(exact, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
         reference = Objective(exact, reference_text)
