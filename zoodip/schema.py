@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from zoodip import CONF_DIR, ROOT
-from zoodip.data.dataset import TEMPLATES
+from zoodip.data.dataset import TEMPLATES, DataSettings, subject_table
 from zoodip.errors import ZoodipError
-from zoodip.evaluation.settings import ClipSettings, EvalSettings, GenerationSettings, Subject
+from zoodip.evaluation.settings import ClipSettings, EvalSettings, GenerationSettings
 from zoodip.method.estimators import EstimatorSettings
 from zoodip.method.methods import METHODS, SCHEDULES, GFTISettings, MethodSettings, OptimizerSettings
 from zoodip.method.objective import check_compile
@@ -307,17 +307,50 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
     )
 
 
-def subject(cfg: DictConfig) -> Subject:
-    """The `data` group's identity of the subject, the initializer word falling back to the model's."""
-    d = cfg.data
-    initializer = d.get("initializer_token") or (cfg.model.get("initializer_token") if "model" in cfg else None)
-    return Subject(
+def initializer(cfg: DictConfig) -> tuple[str | None, str]:
+    """The word whose embedding starts the token, and which key chose it: data.initializer_token, else the
+    DreamBooth table's word for data.subject, else the model's own (model.initializer_token: one token of its
+    tokenizer, e.g. the toy world's "object"); (None, "none") when none does (an older zoodip's run config)."""
+    data, model = cfg.data, cfg.get("model") or {}
+    if data.get("initializer_token"):
+        return str(data.initializer_token), "data.initializer_token"
+    row = subject_table().get(data.get("subject"))
+    if row is not None:
+        return row["initializer"], f"data.subject={data.subject}'s initializer (the DreamBooth table)"
+    if model.get("initializer_token"):
+        return str(model.initializer_token), "model.initializer_token"
+    return None, "none"
+
+
+def data_settings(cfg: DictConfig) -> DataSettings:
+    """The `data` group: the subject, its images or the planted task, the placeholder and its initializer (a key
+    that an older zoodip's run config lacks takes its default)."""
+    d, dflt = cfg.data, DataSettings
+    word, source = initializer(cfg)
+    return DataSettings(
         kind=str(d.kind),
-        name=None if d.get("subject") is None else str(d.subject),
-        path=None if d.get("path") is None else str(d.path),
+        subject=_text(d.get("subject")),
+        path=_text(d.get("path")),
         placeholder=str(d.placeholder_token),
-        initializer=initializer,
+        initializer=word,
+        initializer_source=source,
+        num_vectors=int(d.get("num_vectors", dflt.num_vectors)),
+        resolution=int(d.get("resolution") or cfg.model.resolution),
+        flip_p=float(d.get("flip_p", dflt.flip_p)),
+        init_embedding=_text(d.get("init_embedding")),
+        allow_pickle=bool(d.get("allow_pickle", dflt.allow_pickle)),
+        captions=_text(d.get("captions")),
+        template=str(d.get("template") or dflt.template),
+        planted_rank=int(d.get("planted_rank", dflt.planted_rank)),
+        planted_scale=float(d.get("planted_scale", dflt.planted_scale)),
+        num_images=int(d.get("num_images", dflt.num_images)),
+        eval_points=int(d.get("eval_points", dflt.eval_points)),
+        seed=int(d.get("seed", dflt.seed)),
     )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def eval_settings(cfg: DictConfig) -> EvalSettings:
@@ -335,7 +368,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
     )
     return EvalSettings(
         kind=str(ev.kind),
-        subject=subject(cfg),
+        data=data_settings(cfg),
         model=model_settings(cfg),
         other_model=None if ev.get("model") is None else str(ev.model),
         generation=g,

@@ -40,13 +40,14 @@ from scipy import stats
 
 from zoodip.analysis.report import NUISANCE, job_dirs, paired_difference, read_metrics, read_overrides
 from zoodip.cli import hydra_app, multirun_dir_main
-from zoodip.data.dataset import encode_latents, initializer_word, load_captions, read_reference_images
+from zoodip.data.dataset import encode_latents, load_captions, read_reference_images
 from zoodip.errors import ZoodipError
 from zoodip.evaluation.evaluate import Validator
 from zoodip.io import atomic_write, atomic_write_text
 from zoodip.method.objective import Objective, TextConditioner
-from zoodip.models.loading import load_components, resolve_device
+from zoodip.models.loading import resolve_device
 from zoodip.models.quantize import forward_mode
+from zoodip.schema import data_settings, model_settings
 from zoodip.toyworld import world as toyworld
 
 log = logging.getLogger("zoodip.analysis.compare")
@@ -94,23 +95,14 @@ class SubjectProbe:
     """One subject's model (as its runs trained it), scorer and fixed loss pool."""
 
     def __init__(self, cfg: DictConfig, pool: int, images_per_prompt: int, seed: int) -> None:
-        d = cfg.data
+        d, model = data_settings(cfg), model_settings(cfg)
         self.subject = str(d.subject)
         self.device = resolve_device(cfg.train.device)
-        self.quant = cfg.quantization.weights
-        self.parts = load_components(
-            cfg.model.arch,
-            cfg.model.init,
-            cfg.model.path,
-            torch.float32,
-            self.device,
-            self.quant,
-            seed=int(cfg.model.seed),
-            others=cfg.quantization.others,
-        )
-        initializer, _ = initializer_word(cfg)  # as zoodip-train chose it
-        self.text = TextConditioner(self.parts, d.placeholder_token, initializer, int(d.num_vectors))
-        refs = read_reference_images(d.path, int(d.resolution))
+        self.quant = model.weights
+        self.parts = model.load(self.device, torch.float32)
+        # the initializer as zoodip-train chose it
+        self.text = TextConditioner(self.parts, d.placeholder, d.initializer_word(), d.num_vectors)
+        refs = read_reference_images(d.path, d.resolution)
         captions = load_captions(d.captions, d.subject, refs.names, refs.entries)
         if not captions:
             raise ZoodipError(f"zoodip-compare needs the runs' caption file (data.captions), none for {d.subject}")
@@ -123,9 +115,7 @@ class SubjectProbe:
             for j, u in enumerate(torch.rand(pool, generator=g, dtype=torch.float64).tolist()):
                 noise = torch.randn(z0[None].shape, generator=g)
                 t = min(int((j + u) * num_t / pool), num_t - 1)
-                self.samples.append(
-                    (z0[None], noise, t, caption.format(d.placeholder_token), caption.format(true_words))
-                )
+                self.samples.append((z0[None], noise, t, caption.format(d.placeholder), caption.format(true_words)))
         self.objective = Objective(self.parts, self.text, batched=True, max_batch=64)
         val = OmegaConf.merge(cfg, {"eval": {"validation": {"prompts": 100, "images_per_prompt": images_per_prompt}}})
         self.validator = Validator(val, self.parts, self.text)

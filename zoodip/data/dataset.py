@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoodip.errors import ZoodipError
@@ -93,23 +92,37 @@ def subject_table() -> dict[str, dict[str, str]]:
         return {row["subject"]: row for row in csv.DictReader(f)}
 
 
-def initializer_word(cfg: DictConfig) -> tuple[str, str]:
-    """The word whose embedding starts the token, and which key chose it: data.initializer_token, else the
-    DreamBooth table's word for data.subject, else the model's own (model.initializer_token: one token of its
-    tokenizer, e.g. the toy world's "object"). A run config without any of them (an older zoodip's) is a ZoodipError.
-    """
-    data, model = cfg.data, cfg.model
-    if data.get("initializer_token"):
-        return str(data.initializer_token), "data.initializer_token"
-    row = subject_table().get(data.get("subject"))
-    if row is not None:
-        return row["initializer"], f"data.subject={data.subject}'s initializer (the DreamBooth table)"
-    if model.get("initializer_token"):
-        return str(model.initializer_token), "model.initializer_token"
-    raise ZoodipError(
-        f"data.initializer_token is not set and data.subject={data.get('subject')!r} is not a DreamBooth subject; "
-        "set data.initializer_token to one word describing the subject (e.g. dog)"
-    )
+@dataclass(frozen=True)
+class DataSettings:
+    """The subject and its training data (the `data` group), typed once by `zoodip.schema.data_settings`."""
+
+    kind: str  # dreambooth (reference images) | planted (the known-answer diagnostic)
+    subject: str | None
+    path: str | None  # the reference images' folder
+    placeholder: str  # data.placeholder_token
+    initializer: str | None  # the word that starts the token; None: no config names one (`initializer_word`)
+    initializer_source: str  # which key chose it, for messages
+    num_vectors: int = 1
+    resolution: int = 512
+    flip_p: float = 0.0
+    init_embedding: str | None = None
+    allow_pickle: bool = False
+    captions: str | None = None
+    template: str = "object"
+    planted_rank: int = 32
+    planted_scale: float = 1.0
+    num_images: int = 4
+    eval_points: int = 16
+    seed: int = 1234
+
+    def initializer_word(self) -> str:
+        """The initializer, or one sentence saying how to set it (a run config of an older zoodip may name none)."""
+        if self.initializer is None:
+            raise ZoodipError(
+                f"data.initializer_token is not set and data.subject={self.subject!r} is not a DreamBooth subject; "
+                "set data.initializer_token to one word describing the subject (e.g. dog)"
+            )
+        return self.initializer
 
 
 def center_square(image: Image.Image, resolution: int) -> Image.Image:

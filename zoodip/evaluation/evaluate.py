@@ -163,18 +163,18 @@ def prompt_set(ev: EvalSettings) -> PromptSet:
     """Living or object table from the subject table (Table S1), or eval.living; the class noun from eval.class_noun,
     else the table, else the run's initializer word (data.initializer_token, else model.initializer_token). Planted
     runs default to the object table."""
-    subject = ev.subject
-    row = subject_table().get(subject.name)
-    noun = ev.class_noun or (row["class"] if row else None) or subject.initializer
+    data = ev.data
+    row = subject_table().get(data.subject)
+    noun = ev.class_noun or (row["class"] if row else None) or data.initializer
     living = ev.living if ev.living is not None else (row["living"].lower() == "true" if row else None)
-    if living is None and subject.kind == "planted":
+    if living is None and data.kind == "planted":
         living = False
     if not noun or living is None:
         raise ZoodipError(
-            f"data.subject={subject.name!r} is not a DreamBooth subject: set eval.living=true|false "
+            f"data.subject={data.subject!r} is not a DreamBooth subject: set eval.living=true|false "
             "(and eval.class_noun, e.g. eval.class_noun=toy) to pick its prompts"
         )
-    prompts = eval_prompts(subject.placeholder, noun, living, ev.use_class_token)
+    prompts = eval_prompts(data.placeholder, noun, living, ev.use_class_token)
     return PromptSet(prompts, text_prompts(noun, living), noun, living)
 
 
@@ -344,13 +344,13 @@ def preflight(cfg: DictConfig) -> None:
     prompt table, the reference images and the CLIP / DINOv2 weights (loaded on the CPU once, then dropped)."""
     ev = eval_settings(prepare_config(cfg))
     if ev.kind == "toyworld":
-        toyworld.evaluation_prompts(ev.subject.placeholder, ev.subject.name)
-        reference_images(ev.subject.path)
+        toyworld.evaluation_prompts(ev.data.placeholder, ev.data.subject)
+        reference_images(ev.data.path)
         toyworld.load_scorer(ev.scorer)
         return
     prompt_set(ev)
-    if ev.subject.kind == "dreambooth":
-        reference_images(ev.subject.path)
+    if ev.data.kind == "dreambooth":
+        reference_images(ev.data.path)
     make_clip(ev.clip, torch.device("cpu"))
     DinoScorer(ev.dino)
 
@@ -374,10 +374,10 @@ def evaluate_run(
     ev = eval_settings(cfg)
     if ev.kind == "toyworld":
         return evaluate_toyworld(run_dir, cfg, tracker, started)
-    subject = ev.subject
-    embeddings = read_embeddings(run_dir, subject.placeholder, 2 if ev.model.is_sdxl else 1)
+    data = ev.data
+    embeddings = read_embeddings(run_dir, data.placeholder, 2 if ev.model.is_sdxl else 1)
     ps = prompt_set(ev)
-    refs = reference_images(subject.path) if subject.kind == "dreambooth" else None
+    refs = reference_images(data.path) if data.kind == "dreambooth" else None
     device = resolve_device(ev.device, ev.device_key)
 
     clip, dino = make_clip(ev.clip, device), DinoScorer(ev.dino, device)
@@ -385,7 +385,7 @@ def evaluate_run(
     ref_dino = dino.embed_images(refs) if refs else None
     text_emb = clip.embed_texts(ps.texts)
 
-    pipe = build_pipeline(ev.generation_model, device, embeddings, subject.placeholder, ev.generation.scheduler)
+    pipe = build_pipeline(ev.generation_model, device, embeddings, data.placeholder, ev.generation.scheduler)
     n, d, seed = ev.images_per_prompt, ev.diversity_images, ev.generation.seed
     jobs = [(p, seed + j) for p in range(len(ps.prompts)) for j in range(n)]
     jobs += [(0, seed + j) for j in range(n, d)]  # the rest of the diversity set (S3.3)
@@ -458,7 +458,7 @@ def _protocol(ev: EvalSettings, pipe: DiffusionPipeline, device: torch.device) -
     """The generation settings every metrics.json records."""
     model = ev.generation_model
     return {
-        "placeholder_token": ev.subject.placeholder,
+        "placeholder_token": ev.data.placeholder,
         "seed": ev.generation.seed,
         "resolution": ev.model.resolution,
         "num_inference_steps": ev.generation.num_inference_steps,
@@ -507,14 +507,14 @@ def evaluate_toyworld(
     `embeddings` (per text encoder, (k, d)) scores another token than the run's, e.g. the initializer word's."""
     started = time.perf_counter() if started is None else started
     ev = eval_settings(cfg)
-    subject = ev.subject
+    data = ev.data
     if embeddings is None:
-        embeddings = read_embeddings(run_dir, subject.placeholder, 2 if ev.model.is_sdxl else 1)
-    prompts = toyworld.evaluation_prompts(subject.placeholder, subject.name)
-    refs = reference_images(subject.path)
+        embeddings = read_embeddings(run_dir, data.placeholder, 2 if ev.model.is_sdxl else 1)
+    prompts = toyworld.evaluation_prompts(data.placeholder, data.subject)
+    refs = reference_images(data.path)
     scorer = toyworld.load_scorer(ev.scorer)
     device = resolve_device(ev.device, ev.device_key)
-    pipe = build_pipeline(ev.generation_model, device, embeddings, subject.placeholder, ev.generation.scheduler)
+    pipe = build_pipeline(ev.generation_model, device, embeddings, data.placeholder, ev.generation.scheduler)
     n = ev.images_per_prompt
     jobs = [(p, ev.generation.seed + j) for p in range(len(prompts)) for j in range(n)]
     t0 = time.perf_counter()
@@ -524,7 +524,7 @@ def evaluate_toyworld(
         scorer,
         images,
         refs,
-        subject.name,
+        data.subject,
         [prompts[p][1] for p, _ in jobs],
         [i for i, (p, _) in enumerate(jobs) if p == 0],
     )
@@ -545,7 +545,7 @@ def evaluate_toyworld(
         "kind": "toyworld",
         **scores,
         "per_prompt": per_prompt,
-        "subject": subject.name,
+        "subject": data.subject,
         "counts": {
             "prompts": len(prompts),
             "images_per_prompt": n,
@@ -653,11 +653,11 @@ class Validator:
         self.pipe: DiffusionPipeline | None = None
 
     def _setup(self) -> None:
-        ev, parts, subject = self.ev, self.parts, self.ev.subject
+        ev, parts, data = self.ev, self.parts, self.ev.data
         k, n = ev.validation_prompts, ev.validation_images_per_prompt
-        refs = reference_images(subject.path) if subject.kind == "dreambooth" else None
+        refs = reference_images(data.path) if data.kind == "dreambooth" else None
         if ev.kind == "toyworld":
-            prompts = toyworld.evaluation_prompts(subject.placeholder, subject.name)[:k]
+            prompts = toyworld.evaluation_prompts(data.placeholder, data.subject)[:k]
             self.prompts = [p for p, _ in prompts for _ in range(n)]
             self.backgrounds = [b for _, b in prompts for _ in range(n)]
             self.scorer, self.refs = toyworld.load_scorer(ev.scorer), refs
@@ -687,7 +687,7 @@ class Validator:
         captions = [f"{p} (seed {s})" for p, s in zip(self.prompts, self.seeds, strict=True)]
         if self.ev.kind == "toyworld":
             _, scores = toyworld.score_images(
-                self.scorer, images, self.refs, self.ev.subject.name, self.backgrounds, list(range(len(images)))
+                self.scorer, images, self.refs, self.ev.data.subject, self.backgrounds, list(range(len(images)))
             )
             return Validation({f"val/{k}": v for k, v in scores.items() if v is not None}, images, captions)
         gen = self.clip.embed_images(images)

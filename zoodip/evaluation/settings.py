@@ -1,22 +1,12 @@
 """What an evaluation reads of a run's config, typed once by `zoodip.schema.eval_settings`: the `eval` group, the
-subject (the `data` group's identity of it) and the model to generate with."""
+subject (the `data` group) and the model to generate with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoodip.data.dataset import DataSettings
 from zoodip.models.loading import ModelSettings
-
-
-@dataclass(frozen=True)
-class Subject:
-    """Whose token it is: what the prompts and the reference images need."""
-
-    kind: str  # dreambooth | planted (no reference images)
-    name: str | None  # data.subject
-    path: str | None  # the reference images' folder
-    placeholder: str  # data.placeholder_token
-    initializer: str | None  # data.initializer_token, else model.initializer_token
 
 
 @dataclass(frozen=True)
@@ -45,7 +35,7 @@ class EvalSettings:
     """The evaluation of one run (eval/dreambooth.yaml, eval/toyworld.yaml document each knob)."""
 
     kind: str  # dreambooth (CLIP / DINO, S1.2) | toyworld (the world's scorer)
-    subject: Subject
+    data: DataSettings  # the subject: its name, reference images, placeholder and initializer word
     model: ModelSettings  # the run's model, quantized as in training
     other_model: str | None  # eval.model: generate with this hub id or folder instead, unquantized
     generation: GenerationSettings

@@ -28,9 +28,9 @@ from zoodip.analysis.pictures import write_run_pictures
 from zoodip.cli import hydra_app
 from zoodip.data.dataset import (
     TEMPLATES,
+    DataSettings,
     Reference,
     encode_latents,
-    initializer_word,
     load_captions,
     read_caption_files,
     read_reference_images,
@@ -66,7 +66,7 @@ from zoodip.runtime.health import Health
 from zoodip.runtime.preemption import EXIT_PREEMPTED, Preempted
 from zoodip.runtime.runlock import run_lock
 from zoodip.runtime.tracking import Tracker
-from zoodip.schema import check_config, loop_settings, method_name, method_settings, model_settings
+from zoodip.schema import check_config, data_settings, loop_settings, method_name, method_settings, model_settings
 
 log = logging.getLogger("zoodip.runtime.train")
 
@@ -158,17 +158,16 @@ class Setup:
 
 
 def load_training_data(
-    cfg: DictConfig, run_dir: Path, write: bool = True
+    d: DataSettings, run_dir: Path, write: bool = True
 ) -> tuple[torch.Tensor, list[str], list[str] | None]:
     """The reference images (oriented, cropped, resized: read before a multi-GB model is loaded), their names and
     captions; references.png shows exactly what the model is trained on."""
-    d = cfg.data
-    refs = read_reference_images(d.path, int(d.resolution))
+    refs = read_reference_images(d.path, d.resolution)
     sheet = image_grid(refs.images, cols=min(5, len(refs.images)))
     if write:
         atomic_write(run_dir / "references.png", lambda tmp: sheet.save(tmp, format="PNG"))
     captions = load_captions(d.captions, d.subject, refs.names, refs.entries) or read_caption_files(
-        d.path, refs.names, d.placeholder_token
+        d.path, refs.names, d.placeholder
     )
     if captions is None and d.template != "style":
         log.warning(
@@ -182,17 +181,17 @@ def load_training_data(
 def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = True) -> Setup:
     """Load the model, the placeholder token, the data, the timestep sampler (Eq. 9) and the method (`main`: this
     process writes files; the other ranks of a distributed run do not)."""
-    model, data_cfg = model_settings(cfg), cfg.data
+    model, d = model_settings(cfg), data_settings(cfg)
     dtype = resolve_dtype(model.dtype, device)
-    if data_cfg.kind == "dreambooth":
-        images, names, captions = load_training_data(cfg, run_dir, write=main)
-    initializer, source = initializer_word(cfg)
-    if source == "model.initializer_token" and data_cfg.kind == "dreambooth":
+    if d.kind == "dreambooth":
+        images, names, captions = load_training_data(d, run_dir, write=main)
+    initializer, source = d.initializer_word(), d.initializer_source
+    if source == "model.initializer_token" and d.kind == "dreambooth":
         log.warning(
             "data.subject=%s is not a DreamBooth subject and data.initializer_token is not set: the token "
             "starts from the model's word %r (model.initializer_token); Textual Inversion and the paper start "
             "from one word of the subject's class: data.initializer_token=<word>",
-            data_cfg.subject,
+            d.subject,
             initializer,
         )
     log.info("loading %s (%s, %s weights, %s activations) on %s", model.arch, model.init, model.weights, dtype, device)
@@ -204,32 +203,27 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = Tru
     frac, weight_types = quantized_fraction(components), weights_by_component(parts)
 
     text = TextConditioner(
-        parts,
-        data_cfg.placeholder_token,
-        initializer,
-        int(data_cfg.num_vectors),
-        source,
-        suggest=[cfg.model.get("initializer_token")],
+        parts, d.placeholder, initializer, d.num_vectors, source, suggest=[cfg.model.get("initializer_token")]
     )
     sampler = TimestepSampler(cfg.puts.kind, cfg.puts.t_low, cfg.puts.t_high, parts.scheduler.alphas_cumprod)
-    theta0 = text.initial_theta(data_cfg.get("init_embedding"), bool(data_cfg.get("allow_pickle", False)))
-    if data_cfg.kind == "dreambooth":
+    theta0 = text.initial_theta(d.init_embedding, d.allow_pickle)
+    if d.kind == "dreambooth":
         mean, std = encode_latents(parts.vae, images, device)
-        prompts = [[c] for c in captions] if captions else [TEMPLATES[data_cfg.template]] * len(names)
-        flip_p = float(data_cfg.flip_p)  # the official code's default augmentation (the paper is silent)
-        flipped = encode_latents(parts.vae, images.flip(-1), device) if flip_p > 0 else None
-        data = Reference(mean, std, prompts, flipped, flip_p)
+        prompts = [[c] for c in captions] if captions else [TEMPLATES[d.template]] * len(names)
+        # flip_p: the official code's default augmentation (the paper is silent)
+        flipped = encode_latents(parts.vae, images.flip(-1), device) if d.flip_p > 0 else None
+        data = Reference(mean, std, prompts, flipped, d.flip_p)
     else:
         factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for every SD
-        side = int(data_cfg.resolution) // factor
+        side = d.resolution // factor
         data = PlantedTask(
             theta0,
             (parts.unet.config.in_channels, side, side),
-            rank=int(data_cfg.planted_rank),
-            scale=float(data_cfg.planted_scale),
-            num_images=int(data_cfg.num_images),
-            eval_points=int(data_cfg.eval_points),
-            seed=int(data_cfg.seed),
+            rank=d.planted_rank,
+            scale=d.planted_scale,
+            num_images=d.num_images,
+            eval_points=d.eval_points,
+            seed=d.seed,
             sample_timestep=sampler,
         )
     parts.release_vae()  # reference latents are encoded: training holds no VAE
@@ -242,12 +236,12 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = Tru
     )
     theta = torch.nn.Parameter(theta0.clone())
     tables = [e.weight for e in text.embeddings]
-    method = build_method(method_settings(cfg), theta, tables, int(data_cfg.num_vectors))
+    method = build_method(method_settings(cfg), theta, tables, d.num_vectors)
     reference = None
     if int(cfg.train.grad_cosine_every) > 0:  # diagnostics only: a second, fp32 and unquantized, copy of the model
         exact = replace(model, weights="none", others="none", dequantized_copy=None).load(device, torch.float32)
         exact.release_vae()
-        reference_text = TextConditioner(exact, data_cfg.placeholder_token, initializer, int(data_cfg.num_vectors))
+        reference_text = TextConditioner(exact, d.placeholder, initializer, d.num_vectors)
         reference = Objective(exact, reference_text)
     return Setup(
         parts, text, sampler, data, objective, theta, method, validator, initializer, frac, weight_types, reference
