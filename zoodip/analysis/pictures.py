@@ -99,6 +99,11 @@ def tiles(images: list[Image.Image], cols: int, size: int) -> Image.Image:
     return sheet
 
 
+def image_grid(images: list[Image.Image], cols: int = 5) -> Image.Image:
+    """Images at their own size (the first one's), `cols` per row: references.png, the W&B grids, grid.png."""
+    return tiles(images, cols, max(images[0].size))
+
+
 def reference_grid(references: list[Image.Image], generations: list[Image.Image], cols: int = 5) -> Image.Image:
     """References on the left, generations on the right, each block `cols` wide at most, with a heading each."""
     size = max(enlarged(generations[0]).size) if generations else 128

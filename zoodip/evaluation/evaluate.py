@@ -50,7 +50,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from zoodip import CONF_DIR, ROOT
-from zoodip.analysis.pictures import first_of_each_prompt, reference_grid
+from zoodip.analysis.pictures import first_of_each_prompt, image_grid, reference_grid
 from zoodip.cli import hydra_app
 from zoodip.data.dataset import read_reference_images, subject_table
 from zoodip.data.prompts import eval_prompts, text_prompts
@@ -308,16 +308,6 @@ def generate(
         if bar is not None:
             bar.update(len(out.images))
     return images
-
-
-def image_grid(images: list[Image.Image], cols: int = 5) -> Image.Image:
-    """Images side by side, `cols` per row (the W&B grid)."""
-    w, h = images[0].size
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from zoodip.analysis.pictures import enlarged
+from zoodip.analysis.pictures import enlarged, image_grid
 from zoodip.cli import hydra_app
 from zoodip.errors import ZoodipError
-from zoodip.evaluation.evaluate import build_pipeline, generate, image_grid, read_embeddings, run_config
+from zoodip.evaluation.evaluate import build_pipeline, generate, read_embeddings, run_config
 from zoodip.evaluation.settings import GenerationSettings
 from zoodip.io import atomic_write, check_new_folder, current_umask, new_folder, write_json
 from zoodip.models.embeddings import load_embedding

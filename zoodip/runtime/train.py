@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from zoodip import __version__
-from zoodip.analysis.pictures import write_run_pictures
+from zoodip.analysis.pictures import image_grid, write_run_pictures
 from zoodip.cli import hydra_app
 from zoodip.data.dataset import (
     TEMPLATES,
@@ -37,7 +37,7 @@ from zoodip.data.dataset import (
 )
 from zoodip.data.planted import PlantedTask
 from zoodip.errors import ZoodipError
-from zoodip.evaluation.evaluate import SUMMARY_KEYS, Validator, evaluate_run, image_grid, preflight
+from zoodip.evaluation.evaluate import SUMMARY_KEYS, Validator, evaluate_run, preflight
 from zoodip.io import atomic_write, read_json, write_json
 from zoodip.method.estimators import LossFn, backprop
 from zoodip.method.methods import CMAES, METHODS, GradientMethod, StepResult, build_method
