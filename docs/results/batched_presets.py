@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from zoodip.io import read_json  # noqa: E402
 from zoodip.analysis.report import paired_summary  # noqa: E402
+from zoodip.io import read_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "batched_presets"
 METRICS = ["subject_accuracy", "image_similarity", "prompt_accuracy", "diversity", "final_loss"]

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from zoodip import CONF_DIR
 from zoodip.analysis.report import paired_summary
 from zoodip.evaluation.evaluate import evaluate_toyworld, prepare_config
+from zoodip.schema import model_settings
 from zoodip.toyworld.world import true_words
 
 HERE = Path(__file__).resolve().parent
@@ -67,11 +68,7 @@ def score(subject: str, rows: torch.Tensor, quantization: str, images: int) -> d
 
 def true_word_rows(subject: str) -> torch.Tensor:
     """The embeddings of the subject's own words ("red circle"): the token that is right by construction."""
-    from zoodip.models.loading import load_components, resolve_dtype
-
-    cfg = config(subject, "none", 1)
-    m = cfg.model
-    parts = load_components(m.arch, m.init, m.path, resolve_dtype(m.dtype, torch.device("cpu")), "cpu", "none")
+    parts = model_settings(config(subject, "none", 1)).load(torch.device("cpu"))
     tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]
     ids = tokenizer(true_words(subject).split(" ", 1)[-1], add_special_tokens=False).input_ids
     return encoder.get_input_embeddings().weight[ids].detach().float()

@@ -31,7 +31,7 @@ def verdict(s: dict[str, float], metric: str) -> str:
         return "worse than RGE"
     if s["ci_low"] > 0:
         return "better than RGE"
-    if -MARGIN < s["ci_low"] and s["ci_high"] < MARGIN:
+    if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
         return f"equivalent within ±{MARGIN}"
     return "inconclusive"
 
