@@ -13,11 +13,11 @@ import pytest
 from conftest import compose_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoodip.errors import ZoodipError
 from zoodip.runtime.train import main, run
-from zoodip.schema import KNOBS, SEED_MAX, Knob, check_config, check_knobs
+from zoodip.schema import KNOBS, SEED_MAX, Knob, check_config, check_knobs, data_settings, model_settings
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PLANTED = ["data=planted", "data.eval_points=2"]
@@ -215,3 +215,32 @@ def test_the_command_line_exits_2_naming_the_key(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "word", "source"),
+    [
+        (["data=dreambooth", "data.subject=dog6"], "dog", "data.subject=dog6's initializer (the DreamBooth table)"),
+        (["data=dreambooth", "data.subject=dog6", "data.initializer_token=puppy"], "puppy", "data.initializer_token"),
+        (["model=toyworld", "data=planted"], "object", "model.initializer_token"),
+    ],
+)
+def test_the_initializer_word_and_the_key_that_chose_it(overrides, word, source):
+    """data.initializer_token first, then the DreamBooth table's word for the subject, then the model's own word."""
+    data = data_settings(compose_train(*overrides))
+    assert (data.initializer_word(), data.initializer_source) == (word, source)
+
+
+def test_a_config_that_names_no_initializer_is_one_sentence():
+    cfg = compose_train(*PLANTED)
+    with open_dict(cfg):
+        cfg.model.initializer_token = None
+    with pytest.raises(ZoodipError, match="data.initializer_token is not set and data.subject='planted'"):
+        data_settings(cfg).initializer_word()
+
+
+def test_model_settings_read_the_model_and_quantization_groups():
+    m = model_settings(compose_train("model=toyworld", "quantization=int4", "model.seed=7"))
+    expected = ("toyworld", "pretrained", 7, 32, "int4", "int8")
+    assert (m.arch, m.init, m.seed, m.resolution, m.weights, m.others) == expected
+    assert m.path.endswith("zoodip/assets/toyworld") and m.folder().is_dir() and not m.is_sdxl
