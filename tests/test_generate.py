@@ -153,3 +153,10 @@ def test_command_line_errors_exit_2_and_never_touch_user_files(toy_run, tmp_path
     code, err = generate_main(monkeypatch, capfd, f"run_dir={toy_run}", "num_images=1", f"hydra.run.dir={mine}")
     assert code == 2 and "not an empty folder" in err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_a_token_file_on_the_shipped_toy_world_prepares_its_model(toy_run):
+    """embedding= with model=toyworld: the model group's interpolated path (${paths.toyworld_dir}) resolves."""
+    job = prepare(compose_generate(f"embedding={toy_run / 'learned_embeds.safetensors'}", "model=toyworld"))
+    assert job.token == "<red_circle>" and job.model.arch == "toyworld" and job.model.folder().is_dir()
+    assert (job.model.weights, job.model.others, job.resolution) == ("none", "none", 32)

@@ -255,6 +255,10 @@ def test_a_run_resumes_from_another_checkout_of_the_repository():
     outside = json.loads(json.dumps(here))
     outside["data"]["captions"] = "/elsewhere/captions.json"
     assert math_differences(here, outside) == ["data.captions"]
+    # a subject of the checkout's own dataset/ may hold other images in another clone: compared as it is
+    dataset = run_config(compose_train("data=dreambooth", "data.subject=dog6"))
+    other = json.loads(json.dumps(dataset).replace(dataset["paths"]["root_dir"], "/elsewhere/clone"))
+    assert math_differences(dataset, other) == ["data.path"]
 
 
 def test_train_steps_is_math_under_a_decaying_learning_rate():

@@ -5,7 +5,8 @@ typed settings everything below the entry points is built from.
 defines or a broken rule between knobs (t_low < t_high, a method's needs) is one sentence naming the key (ZoodipError,
 exit code 2), before anything is loaded or written. The checked config then becomes frozen dataclasses, once:
 `method_settings` (the method layer, zoodip/method/), `loop_settings` (Algorithm 1's loop), `model_settings` (the
-model loader) and `eval_settings` (the evaluation, the validation during training and zoodip-generate's pipeline).
+model loader), `data_settings` (the subject and its data) and `eval_settings` (the evaluation and the validation
+during training).
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         kind=str(ev.kind),
         data=data_settings(cfg),
         model=model_settings(cfg),
-        other_model=None if ev.get("model") is None else str(ev.model),
+        other_model=str(ev.model) if ev.get("model") else None,  # null or "": the run's own model
         generation=g,
         images_per_prompt=int(ev.images_per_prompt),
         diversity_images=int(ev.diversity_images),

@@ -100,7 +100,7 @@ def tiles(images: list[Image.Image], cols: int, size: int) -> Image.Image:
 
 
 def image_grid(images: list[Image.Image], cols: int = 5) -> Image.Image:
-    """Images at their own size (the first one's), `cols` per row: references.png, the W&B grids, grid.png."""
+    """Square images at the first one's size, `cols` per row: references.png, the W&B grids, grid.png."""
     return tiles(images, cols, max(images[0].size))
 
 

@@ -97,7 +97,8 @@ def _from_file(cfg: DictConfig) -> tuple[ModelSettings, list[torch.Tensor], str]
         raise ZoodipError(f"{cfg.embedding} does not name its token (A1111 layout): add token='<name>'")
     weights = cfg.quantization.weights or "none"
     quantization = {"weights": weights, "others": cfg.quantization.others or weights}
-    return model_settings(OmegaConf.create({"model": cfg.model, "quantization": quantization})), rows, token
+    model = OmegaConf.to_container(cfg.model, resolve=True)  # model.path may be ${paths...}: resolved here
+    return model_settings(OmegaConf.create({"model": model, "quantization": quantization})), rows, token
 
 
 def prepare(cfg: DictConfig) -> Job:

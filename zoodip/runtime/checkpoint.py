@@ -224,12 +224,17 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+SHIPPED = "zoodip/assets"  # the toy world, its captions, the tiny models: the same in every clone
+
+
 def _in_checkout(value: Any, root: Any) -> Any:
-    """A path inside the config's own checkout (paths.root_dir), written relative to it: the same run resumes from
-    another clone or worktree of the repository, where the shipped assets sit at the same relative paths."""
-    if isinstance(value, str) and isinstance(root, str) and root and (value == root or value.startswith(root + "/")):
-        return "<paths.root_dir>" + value[len(root) :]
-    return value
+    """A path to the assets shipped inside the config's own checkout (paths.root_dir), written relative to it: the same
+    run resumes from another clone or worktree of the repository. Any other path (a dataset/ subject, an outputs/
+    token) is compared as it is, since it may hold other files in another clone."""
+    if not (isinstance(value, str) and isinstance(root, str) and root):
+        return value
+    shipped = f"{root}/{SHIPPED}"
+    return "<paths.root_dir>" + value[len(root) :] if value == shipped or value.startswith(shipped + "/") else value
 
 
 def _math(config: dict[str, Any]) -> dict[str, Any]:
