@@ -298,7 +298,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
     return ModelSettings(
         arch=str(m.arch),
         init=str(m.get("init") or "pretrained"),
-        path=None if m.get("path") is None else str(m.path),
+        path=_text(m.get("path")),
         dtype=str(m.get("dtype") or "auto"),
         seed=int(m.get("seed") or 0),
         resolution=int(m.resolution),
@@ -365,7 +365,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         num_inference_steps=int(ev.num_inference_steps),
         guidance_scale=float(ev.guidance_scale),
         batch_size=int(ev.batch_size),
-        scheduler=None if ev.scheduler is None else str(ev.scheduler),
+        scheduler=_text(ev.scheduler),
     )
     return EvalSettings(
         kind=str(ev.kind),
@@ -377,7 +377,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         diversity_images=int(ev.diversity_images),
         use_class_token=bool(ev.use_class_token),
         living=None if ev.living is None else bool(ev.living),
-        class_noun=None if ev.get("class_noun") is None else str(ev.class_noun),
+        class_noun=_text(ev.get("class_noun")),
         clip=ClipSettings(
             path=str(clip.path),
             backend=str(clip.backend),
@@ -385,7 +385,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
             open_clip_pretrained=clip.get("open_clip_pretrained"),
         ),
         dino=str(ev.dino.path),
-        scorer=None if ev.get("scorer") is None else str(ev.scorer),
+        scorer=_text(ev.get("scorer")),
         device=str(ev.get("device") or cfg.train.device),
         device_key="eval.device" if ev.get("device") else "train.device",  # unset: evaluate where training ran
         validation_prompts=int(ev.validation.prompts),
