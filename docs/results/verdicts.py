@@ -34,6 +34,8 @@ from zoodip.analysis.report import paired_summary
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
+# the (subject, seed) pairs of the paper-budget studies (12 subjects x 3 seeds)
+PLANNED = 36
 
 
 def quantiles(n: int) -> tuple[float, float]:
@@ -109,6 +111,37 @@ def quantization_share() -> pd.DataFrame:
     return table[["zoodip", "zoodip_fp"]].dropna()
 
 
+def sg_paper_budget(arm: str) -> pd.DataFrame:
+    """§4.10's record so far (zoodip-study spec=sg_paper_budget): `arm` against tau = 128, which is §3.2's `zoodip`
+    arm, paired by (subject, seed)."""
+    reference = pd.read_csv(HERE / "paper_budget" / "runs.csv")
+    reference = reference[reference.arm == "zoodip"].assign(arm="sg_tau128")
+    path = HERE / "sg_paper_budget" / "runs.csv"
+    frame = pd.concat([reference, pd.read_csv(path)] if path.is_file() else [reference], ignore_index=True)
+    table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
+    return table[[arm, "sg_tau128"]].dropna() if arm in table.columns else pd.DataFrame(columns=[arm, "sg_tau128"])
+
+
+def planned(text: str, pairs: int, design: int = PLANNED) -> str:
+    """A verdict or source of a study still short of its planned pairs says so."""
+    return text if pairs >= design else f"{text} (interim: {pairs} of {design} pairs)"
+
+
+def non_inferiority(s: dict, margin: float = MARGIN) -> str:
+    """§3.2's stated test: the claim holds when the CI's lower end lies above -margin, does not when its upper end
+    lies below it."""
+    if s["lo"] > -margin:
+        return "holds (non-inferior)"
+    if s["hi"] < -margin:
+        return "does not hold (inferior)"
+    return "inconclusive"
+
+
+def sg_helps(s: dict) -> str:
+    """§4.10's stated rule for SG off - tau 128: SG helps where the CI lies below 0, hurts where it lies above."""
+    return {"lower": "holds (SG off lower)", "higher": "does not hold (SG hurts)"}.get(rule(s), rule(s))
+
+
 def table_s4() -> pd.DataFrame:
     frame = pd.read_csv(HERE / "tableS4_estimators" / "runs.csv")
     return frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
@@ -164,6 +197,10 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
     acc70, gap70 = finals70("subject_accuracy"), finals70("gap_closed")
     fast, spsa = main_summary(SG_OFF), main_summary(SPSA)
     pb, q, cos = paper_budget(), quantization_share(), cosine_steps(ZOODIP)
+    central, int8 = recorded(pb["zoodip"], pb["ti"]), recorded(q["zoodip"], q["zoodip_fp"])
+    off, t43 = sg_paper_budget("sg_off"), sg_paper_budget("sg_tau43")
+    sg_off = recorded(off["sg_off"], off["sg_tau128"]) if len(off) >= 2 else None
+    sg43 = recorded(t43["sg_tau43"], t43["sg_tau128"]) if len(t43) >= 2 else None
     prgf, prgf_gap = prgf_main("subject_accuracy"), prgf_main("gap_closed")
     s3 = "3-presets-zoodip-and-first-order-ti-on-the-six-subjects"
     s41, s42, s45 = (
@@ -196,18 +233,18 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "The central claim at the paper's budget",
             "§3.2](#32-the-central-claim-at-the-papers-budget",
-            f"in progress (interim: {len(pb)} of 36 pairs)",
+            planned(non_inferiority(central), len(pb)),
             "ZOODiP - TI, margin 0.05",
-            recorded(pb["zoodip"], pb["ti"]),
-            "R (interim)",
+            central,
+            "R",
         ),
         (
             "INT8 costs ZOODiP nothing at the paper's budget",
             "§3.2](#32-the-central-claim-at-the-papers-budget",
-            f"equivalent within ±0.05 (interim: {len(q)} of 36 pairs)",
+            planned(rule(int8), len(q)),
             "INT8 - unquantized",
-            recorded(q["zoodip"], q["zoodip_fp"]),
-            "R (interim)",
+            int8,
+            "R",
         ),
         (
             "Batched step changes nothing",
@@ -226,12 +263,20 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
             "T",
         ),
         (
-            "Subspace Gradient at the paper's budget",
+            "SG helps at the paper's budget",
             "§4.10](#410-subspace-gradient-at-the-papers-budget",
-            "in progress",
-            "SG off, tau 43 - tau 128",
-            None,
-            "design stated",
+            planned(sg_helps(sg_off), len(off)) if sg_off else "in progress",
+            "SG off - tau 128",
+            sg_off,
+            "R" if sg_off else "design stated",
+        ),
+        (
+            "tau scaled to the token's width",
+            "§4.10](#410-subspace-gradient-at-the-papers-budget",
+            planned(rule(sg43), len(t43)) if sg43 else "in progress",
+            "tau 43 - tau 128",
+            sg43,
+            "R" if sg43 else "design stated",
         ),
         (
             "SG projects out > 80% (Fig. 8)",
