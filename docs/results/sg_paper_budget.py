@@ -22,6 +22,8 @@ from zoodip.analysis.report import paired_summary
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
 PLANNED = 36
+# no verdict before one seed of every subject: a handful of pairs says little about the spread
+FIRST_LOOK = 12
 # the arm against the reference, and what "mine > reference" means for SG
 CONTRASTS = {"sg_off": "SG off - tau 128", "sg_tau43": "tau 43 - tau 128"}
 
@@ -94,7 +96,8 @@ def main() -> None:
         status = "" if s["pairs"] >= PLANNED else f" (interim: {s['pairs']} of {PLANNED} pairs)"
         print(
             f"{label}: pairs {s['pairs']}, mean {s['mean_difference']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
-            f", p {s['t_test_p']:.3g}, detectable {s['detectable_effect']:.3f}: {verdict(s, arm)}{status}"
+            f", p {s['t_test_p']:.3g}, detectable {s['detectable_effect']:.3f}: "
+            f"{verdict(s, arm) if s['pairs'] >= FIRST_LOOK else 'no verdict yet'}{status}"
         )
     for arm, g in frame.groupby("arm"):
         mean, wall = g.subject_accuracy.mean(), g.wall_seconds.mean()
