@@ -79,8 +79,11 @@ def plot(frame: pd.DataFrame, stats: dict[str, dict], out: Path) -> None:
     left.set_xlabel("subject_accuracy difference (95% CI; dashed: ±0.05)")
     order = ["sg_off", "sg_tau43", "sg_tau128"]
     present = [a for a in order if a in set(frame.arm)]
-    right.boxplot([frame[frame.arm == a].subject_accuracy for a in present], tick_labels=present)
+    # the (subject, seed) keys every arm has, so that the boxes compare the same runs
+    wide = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")[present].dropna()
+    right.boxplot([wide[a] for a in present], tick_labels=present)
     right.set_ylabel("subject_accuracy (140 images a run)")
+    right.set_title(f"the {len(wide)} (subject, seed) pairs every arm has", fontsize=9)
     fig.suptitle("Subspace Gradient at 10,000 steps on the toy world", fontsize=10)
     fig.savefig(out, dpi=110)
 
