@@ -28,15 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# beside this file: the SG study's record, read as its own analysis reads it
+import sg_paper_budget
 from scipy import stats
 
 from zoodip.analysis.report import paired_summary
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
-# the (subject, seed) pairs of the paper-budget studies (12 subjects x 3 seeds)
-PLANNED = 36
-FIRST_LOOK = 12
+PLANNED, FIRST_LOOK = sg_paper_budget.PLANNED, sg_paper_budget.FIRST_LOOK
 
 
 def quantiles(n: int) -> tuple[float, float]:
@@ -98,29 +99,11 @@ def batched() -> pd.DataFrame:
     return frame.pivot_table(index=["subject", "seed"], columns="code", values="subject_accuracy").dropna()
 
 
-def paper_budget() -> pd.DataFrame:
-    """§3.2's record so far (zoodip-study spec=paper_budget): ZOODiP and TI paired by (subject, seed)."""
+def paper_budget(a: str, b: str) -> pd.DataFrame:
+    """§3.2's record (zoodip-study spec=paper_budget): arms `a` and `b` paired by (subject, seed)."""
     frame = pd.read_csv(HERE / "paper_budget" / "runs.csv")
     table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
-    return table[["zoodip", "ti"]].dropna()
-
-
-def quantization_share() -> pd.DataFrame:
-    """§3.2's record: ZOODiP on the INT8 world and on the unquantized one, paired by (subject, seed)."""
-    frame = pd.read_csv(HERE / "paper_budget" / "runs.csv")
-    table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
-    return table[["zoodip", "zoodip_fp"]].dropna()
-
-
-def sg_paper_budget(arm: str) -> pd.DataFrame:
-    """§4.10's record so far (zoodip-study spec=sg_paper_budget): `arm` against tau = 128, which is §3.2's `zoodip`
-    arm, paired by (subject, seed)."""
-    reference = pd.read_csv(HERE / "paper_budget" / "runs.csv")
-    reference = reference[reference.arm == "zoodip"].assign(arm="sg_tau128")
-    path = HERE / "sg_paper_budget" / "runs.csv"
-    frame = pd.concat([reference, pd.read_csv(path)] if path.is_file() else [reference], ignore_index=True)
-    table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
-    return table[[arm, "sg_tau128"]].dropna() if arm in table.columns else pd.DataFrame(columns=[arm, "sg_tau128"])
+    return table[[a, b]].dropna()
 
 
 def planned(text: str, pairs: int, design: int = PLANNED) -> str:
@@ -197,9 +180,10 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
     b, s4 = batched(), table_s4()
     acc70, gap70 = finals70("subject_accuracy"), finals70("gap_closed")
     fast, spsa = main_summary(SG_OFF), main_summary(SPSA)
-    pb, q, cos = paper_budget(), quantization_share(), cosine_steps(ZOODIP)
+    pb, q, cos = paper_budget("zoodip", "ti"), paper_budget("zoodip", "zoodip_fp"), cosine_steps(ZOODIP)
     central, int8 = recorded(pb["zoodip"], pb["ti"]), recorded(q["zoodip"], q["zoodip_fp"])
-    off, t43 = sg_paper_budget("sg_off"), sg_paper_budget("sg_tau43")
+    sg = sg_paper_budget.runs()
+    off, t43 = sg_paper_budget.pairs(sg, "sg_off"), sg_paper_budget.pairs(sg, "sg_tau43")
     # no verdict before one seed of every subject: a handful of pairs says little about the spread
     sg_off = recorded(off["sg_off"], off["sg_tau128"]) if len(off) >= FIRST_LOOK else None
     sg43 = recorded(t43["sg_tau43"], t43["sg_tau128"]) if len(t43) >= FIRST_LOOK else None
