@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -99,6 +100,7 @@ def test_a_tiny_optuna_study_survives_a_failed_trial_and_writes_its_best_params(
         "logger=none",
         "train.progress=false",
         f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     result = subprocess.run(
@@ -118,3 +120,7 @@ def test_a_tiny_optuna_study_survives_a_failed_trial_and_writes_its_best_params(
         assert metrics["status"] == "completed" and (run / "learned_embeds.safetensors").is_file()
         assert OmegaConf.load(run / ".hydra" / "config.yaml").data.subject == subject
     assert "job rejected" in result.stdout + result.stderr and not (sweep_dir / "0" / "objective.json").exists()
+    # the study's trials are kept in the sqlite storage, where optuna's own tools read them
+    kept = optuna.load_study(study_name="toyworld_zoodip", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [trial.state.name for trial in kept.trials] == ["FAIL", "COMPLETE"]
+    assert kept.best_value == pytest.approx(best["best_value"])

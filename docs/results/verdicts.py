@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-# beside this file: the SG study's record, read as its own analysis reads it
-import sg_paper_budget
+import sg_paper_budget  # beside this file: the SG study's record, read as its own analysis reads it
+import tuning_budget  # beside this file: the searches' record, likewise
 from scipy import stats
 
 from zoodip.analysis.report import paired_summary
@@ -124,6 +123,18 @@ def non_inferiority(s: dict, margin: float = MARGIN) -> str:
 def sg_helps(s: dict) -> str:
     """§4.10's stated rule for SG off - tau 128: SG helps where the CI lies below 0, hurts where it lies above."""
     return {"lower": "holds (SG off lower)", "higher": "does not hold (SG hurts)"}.get(rule(s), rule(s))
+
+
+def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
+    """§3.3: each method's tuning gain (best of its 20 trials - its preset, on the two tuning subjects)."""
+    frame = pd.read_csv(tuning_budget.RECORD, dtype={"trial": str})
+    out = []
+    for _, s in tuning_budget.summary(frame).iterrows():
+        verdict = "preset stands" if s.gain <= MARGIN else "gain above the margin: check on held-out subjects"
+        stats_ = {"tuning": True, "mean": s.gain, "trials": s.trials}
+        claim = f"An equal tuning budget finds no better {s.search.split(' (')[0]}"
+        out.append((claim, "§3.3](#33-equal-tuning-budget", verdict, "best trial - preset", stats_, "R"))
+    return out
 
 
 def table_s4() -> pd.DataFrame:
@@ -232,6 +243,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
             int8,
             "R",
         ),
+        *tuning_rows(),
         (
             "Batched step changes nothing",
             "§3.1](#31-the-same-preset-after-the-batched-step",
@@ -426,6 +438,9 @@ def main() -> None:
             sign = sign.replace("86% ", "")
             effect = f"{effect} ({sign})" if effect != "—" else sign
             print(f"{head} {effect} | — | {pairs} | — | — | {source} |")
+            continue
+        if s.get("tuning"):  # a search's best against its preset: no pairs, no test
+            print(f"{head} {fmt(s['mean'])} ({sign}) | — | {s['trials']} trials x 2 subjects | — | — | {source} |")
             continue
         digits = 3 if s["mde"] < 0.2 else 2
         ci = f"[{fmt(s['lo'], digits)}, {fmt(s['hi'], digits)}]"

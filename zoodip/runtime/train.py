@@ -194,7 +194,8 @@ def setup(cfg: DictConfig, run_dir: Path, device: torch.device, main: bool = Tru
             d.subject,
             initializer,
         )
-    log.info("loading %s (%s, %s weights, %s activations) on %s", model.arch, model.init, model.weights, dtype, device)
+    weights = "unquantized" if model.weights == "none" else model.weights
+    log.info("loading %s (%s, %s weights, %s activations) on %s", model.arch, model.init, weights, dtype, device)
     parts = model.load(device, dtype)
     num_t = parts.scheduler.config.num_train_timesteps
     if cfg.puts.kind == "puts" and cfg.puts.t_high > num_t:
