@@ -129,11 +129,31 @@ def test_a_bad_spec_is_one_sentence(tmp_path, monkeypatch, capfd, spec, message)
 
 def test_the_shipped_studies_load():
     sizes = {"toyworld_methods": 2 * 6 * 3, "tableS4_estimators": 3 * 6 * 3, "paper_budget": 3 * 12 * 3}
-    sizes["sg_paper_budget"] = 2 * 12 * 3
+    sizes.update(sg_paper_budget=2 * 12 * 3, tuned_paper_budget=12 * 3)
     assert sorted(sizes) == sorted(p.stem for p in (study.ROOT / "studies").glob("*.yaml"))
     for name, size in sizes.items():
         loaded = study.load_study(name)
         assert loaded.name == name and len(loaded.jobs) == size
+
+
+def test_the_tuned_arm_pairs_with_the_central_claims_preset():
+    """Its runs are compared with paper_budget's `zoodip` runs pair by pair: only lr and mu may differ."""
+    specs = {
+        name: yaml.safe_load((study.ROOT / "studies" / f"{name}.yaml").read_text())
+        for name in ("paper_budget", "tuned_paper_budget")
+    }
+    preset, tuned = specs["paper_budget"], specs["tuned_paper_budget"]
+    assert tuned["subjects"] == preset["subjects"] and tuned["seeds"] == preset["seeds"]
+    assert tuned["overrides"] == preset["overrides"]
+    extra = [o for o in tuned["arms"]["zoodip_tuned"] if o not in preset["arms"]["zoodip"]]
+    assert sorted(o.split("=")[0] for o in extra) == ["estimator.mu", "optimizer.lr"]
+    assert len(tuned["arms"]["zoodip_tuned"]) == len(preset["arms"]["zoodip"]) + 2
+    # the values are the recorded search's best trial (docs/results/tuning_budget/trials.csv)
+    with (study.ROOT / "docs" / "results" / "tuning_budget" / "trials.csv").open(newline="") as f:
+        trials = [r for r in csv.DictReader(f) if r["search"] == "toyworld_zoodip" and r["trial"] != "preset"]
+    best = max(trials, key=lambda r: float(r["value"]))  # the first of equal values, as Optuna's best_trial
+    values = dict(o.split("=") for o in extra)
+    assert float(values["optimizer.lr"]) == float(best["lr"]) and float(values["estimator.mu"]) == float(best["mu"])
 
 
 def test_shards_split_the_jobs_and_a_bad_shard_is_one_sentence(tmp_path, monkeypatch, capfd):

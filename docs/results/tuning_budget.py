@@ -15,6 +15,12 @@ two tuning subjects. A best of 20 on two subjects is biased upwards (the winner'
 margin of the central claim (0.05) means tuning does not move that method by a margin's worth even where it was
 tuned: its preset stands. A gain above the margin is not a result by itself: the tuned parameters then need a
 paired check on the held-out subjects before any verdict that used the preset changes.
+
+That check is `zoodip-study spec=tuned_paper_budget` (studies/tuned_paper_budget.yaml): ZOODiP with the search's
+best (lr, mu) at the paper's budget on the central claim's twelve subjects x 3 seeds, paired with the central claim's
+`zoodip` (the preset) and `ti` arms (docs/results/paper_budget/runs.csv). Stated before its runs: tuned - preset,
+two-sided paired t, "tuning helps" / "hurts" where the 95% CI excludes 0, "equivalent" inside +-0.05, else
+inconclusive; tuned - TI, the central claim's non-inferiority test with margin 0.05. No verdict before 12 pairs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ MARGIN = 0.05
 SUBJECTS = ["green_circle", "green_triangle"]
 SEARCHES = {"toyworld_zoodip": "ZOODiP (lr, mu)", "toyworld_ti": "first-order TI (lr)"}
 PARAMS = {"optimizer.lr": "lr", "estimator.mu": "mu"}
+HELD_OUT = HERE / "tuned_paper_budget" / "runs.csv"
+PLANNED, FIRST_LOOK = 36, 12
 
 
 def job_row(search: str, trial: str, state: str, params: dict, job: Path) -> dict:
@@ -43,7 +51,8 @@ def job_row(search: str, trial: str, state: str, params: dict, job: Path) -> dic
     for subject in SUBJECTS:
         row[subject] = objective.get("by_subject", {}).get(subject)
     walls = [json.loads(p.read_text()).get("wall_seconds") or 0.0 for p in job.glob("*/metrics.json")]
-    row["wall_seconds"] = round(sum(walls), 1)
+    row["train_seconds"] = round(sum(walls), 1)  # training only, both subjects
+    row["trial_seconds"] = None
     return row
 
 
@@ -54,7 +63,13 @@ def collect_search(search: str, sweep_dir: Path, storage: str) -> list[dict]:
     import optuna
 
     study = optuna.load_study(study_name=search, storage=storage)
-    return [job_row(search, str(t.number), t.state.name, t.params, sweep_dir / str(t.number)) for t in study.trials]
+    rows = []
+    for t in study.trials:
+        row = job_row(search, str(t.number), t.state.name, t.params, sweep_dir / str(t.number))
+        # the whole trial, both subjects' training and evaluation
+        row["trial_seconds"] = round(t.duration.total_seconds(), 1) if t.duration else None
+        rows.append(row)
+    return rows
 
 
 def collect_preset(search: str, run_dir: Path) -> list[dict]:
@@ -115,11 +130,45 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
                 "preset_value": preset_value,
                 "gain": gain,
                 "median_trial": float(done.value.median()),
-                "hours": float(trials.wall_seconds.sum()) / 3600,
+                "hours": float(trials.trial_seconds.sum()) / 3600,
                 "rule": rule,
             }
         )
     return pd.DataFrame(out)
+
+
+def verdict(s: dict, ref: str) -> str:
+    """The rules stated before the held-out runs: non-inferiority against TI, a two-sided test against the preset."""
+    if ref == "ti":
+        if s["ci_low"] > -MARGIN:
+            return "non-inferior"
+        return "inferior" if s["ci_high"] < -MARGIN else "inconclusive"
+    if s["ci_low"] > 0:
+        return "tuning helps"
+    if s["ci_high"] < 0:
+        return "tuning hurts"
+    if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
+        return f"equivalent within ±{MARGIN}"
+    return "inconclusive"
+
+
+def held_out() -> dict[str, dict]:
+    """The tuned arm against the central claim's preset and TI arms, paired by (subject, seed), with the verdicts."""
+    from zoodip.analysis.report import paired_summary
+
+    if not HELD_OUT.is_file():
+        return {}
+    frame = pd.concat([pd.read_csv(HERE / "paper_budget" / "runs.csv"), pd.read_csv(HELD_OUT)])
+    wide = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
+    out = {}
+    for ref, label in (("zoodip", "tuned - preset ZOODiP"), ("ti", "tuned ZOODiP - TI")):
+        pairs = wide[["zoodip_tuned", ref]].dropna()
+        s = paired_summary(pairs["zoodip_tuned"], pairs[ref]) if len(pairs) >= 2 else {"pairs": len(pairs)}
+        s["verdict"] = verdict(s, ref) if s["pairs"] >= FIRST_LOOK else f"no verdict before {FIRST_LOOK} pairs"
+        if FIRST_LOOK <= s["pairs"] < PLANNED:
+            s["verdict"] += f" (interim: {s['pairs']} of {PLANNED} pairs)"
+        out[label] = s
+    return out
 
 
 def figure(frame: pd.DataFrame, path: Path) -> None:
@@ -130,6 +179,8 @@ def figure(frame: pd.DataFrame, path: Path) -> None:
     if len(zo):
         points = left.scatter(zo.lr, zo.mu, c=zo.value, cmap="viridis", s=60, edgecolor="k")
         fig.colorbar(points, ax=left, label="objective (subject_accuracy, 2 subjects)")
+        best = zo.loc[zo.value.idxmax()]
+        left.scatter([best.lr], [best.mu], s=220, facecolors="none", edgecolors="red", lw=1.5, label="best trial")
     if len(zo_preset):
         left.scatter(zo_preset.lr, zo_preset.mu, marker="*", s=260, c="red", label="preset", zorder=3)
         left.legend(loc="lower left")
@@ -152,9 +203,12 @@ def main(argv: list[str]) -> int:
         if len(argv) not in (3, 4) or argv[1] not in SEARCHES:
             print(f"usage: --collect {{{','.join(SEARCHES)}}} SWEEP_DIR STORAGE_URL | RUN_DIR", file=sys.stderr)
             return 2
-        rows = collect_search(argv[1], Path(argv[2]), argv[3]) if len(argv) == 4 else collect_preset(*argv[1:3])
-        print(f"recorded {len(rows)} row(s) of {argv[1]} in {RECORD}")
+        if len(argv) == 4:
+            rows = collect_search(argv[1], Path(argv[2]), argv[3])
+        else:
+            rows = collect_preset(argv[1], Path(argv[2]))
         record(rows)
+        print(f"recorded {len(rows)} row(s) of {argv[1]} in {RECORD}")
         return 0
     if not RECORD.is_file():
         print(f"no record at {RECORD}: run the searches and --collect them first", file=sys.stderr)
@@ -162,6 +216,14 @@ def main(argv: list[str]) -> int:
     frame = pd.read_csv(RECORD, dtype={"trial": str})
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(summary(frame).T.to_string(header=False))
+    for label, s in held_out().items():
+        if s["pairs"] < 2:
+            print(f"{label}: {s['pairs']} pairs of {PLANNED}")
+            continue
+        print(
+            f"{label}: pairs {s['pairs']}, mean {s['mean_difference']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+            f", p {s['t_test_p']:.3g}, detectable {s['detectable_effect']:.3f}: {s['verdict']}"
+        )
     figure(frame, HERE / "tuning_budget.png")
     print(f"wrote {HERE / 'tuning_budget.png'}")
     return 0
