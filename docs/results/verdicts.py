@@ -114,7 +114,9 @@ def non_inferiority(s: dict, margin: float = MARGIN) -> str:
 
 def sg_helps(s: dict) -> str:
     """§4.10's stated rule for SG off - tau 128: SG helps where the CI lies below 0, hurts where it lies above."""
-    return {"lower": "holds (SG off lower)", "higher": "does not hold (SG hurts)"}.get(rule(s), rule(s))
+    verdicts = {"lower": "holds (SG off lower)", "higher": "does not hold (SG hurts)"}
+    verdicts["equivalent within ±0.05"] = "does not hold (equivalent within ±0.05)"
+    return verdicts.get(rule(s), rule(s))
 
 
 def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
