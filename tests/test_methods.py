@@ -70,6 +70,7 @@ def test_gfti_runs_forward_only_on_the_quantized_model(tmp_path):
     assert history.token_norm.iloc[-1] != pytest.approx(history.token_norm.iloc[0], rel=1e-6)
 
 
+@pytest.mark.slow  # about 35 s; the stateful estimators' and the signal tests cover resuming in make test
 def test_gfti_preempted_then_resumed_equals_a_straight_run(tmp_path, monkeypatch):
     """GF-TI checkpoints CMA-ES's whole state (tensors and JSON, no pickle) with the defaults: SIGTERM inside step 3
     of 6, then the same command (train.resume=auto) ends bit-identical to an uninterrupted run, CMA-ES's own

@@ -136,7 +136,16 @@ def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
             verdict = f"in progress ({s['pairs']} of {PLANNED} pairs)"
             out.append((claim, "§3.3](#33-equal-tuning-budget", verdict, sign, None, "design stated"))
         else:
-            out.append((claim, "§3.3](#33-equal-tuning-budget", s["verdict"], sign, recorded_summary(s), "R"))
+            as_claim = {
+                "tuning helps": "holds",
+                "tuning hurts": "does not hold (tuned lower)",
+                "equivalent within ±0.05": "does not hold (equivalent within ±0.05)",
+                "non-inferior": "holds (non-inferior)",
+                "inferior": "does not hold (inferior)",
+            }
+            head, _, interim = s["verdict"].partition(" (interim")
+            verdict = as_claim.get(head, head) + (f" (interim{interim}" if interim else "")
+            out.append((claim, "§3.3](#33-equal-tuning-budget", verdict, sign, recorded_summary(s), "R"))
     return out
 
 
