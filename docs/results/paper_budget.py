@@ -38,12 +38,13 @@ QUANT = {"zoodip": "int8", "ti": "none", "zoodip_fp": "none"}
 
 
 def verdict(s: dict) -> str:
+    """The stated test: the claim holds where the CI's lower end lies above -MARGIN, not where its upper end does."""
     if s["pairs"] < 2:
         return "too few pairs"
     if s["ci_low"] > -MARGIN:
-        return "non-inferior (the claim holds)"
+        return "holds (non-inferior)"
     if s["ci_high"] < -MARGIN:
-        return "inferior (the claim does not hold)"
+        return "does not hold (inferior)"
     return "inconclusive"
 
 

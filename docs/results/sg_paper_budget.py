@@ -44,15 +44,16 @@ def pairs(frame: pd.DataFrame, arm: str, metric: str = "subject_accuracy") -> pd
 
 
 def verdict(s: dict, arm: str) -> str:
-    """The stated rule; for SG off a higher accuracy means SG hurts, for tau 43 it means the smaller tau helps."""
+    """The stated rule. For SG off, higher accuracy means SG hurts; for tau 43, that the smaller tau helps."""
     if s["pairs"] < 2:
         return "too few pairs"
     if s["ci_low"] > 0:
-        return "SG hurts (SG off is higher)" if arm == "sg_off" else "tau 43 is higher"
+        return "does not hold (SG hurts)" if arm == "sg_off" else "higher"
     if s["ci_high"] < 0:
-        return "SG helps (SG off is lower)" if arm == "sg_off" else "tau 43 is lower"
+        return "holds (SG off lower)" if arm == "sg_off" else "lower"
     if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
-        return f"equivalent within ±{MARGIN}"
+        equivalent = f"equivalent within ±{MARGIN}"
+        return f"does not hold ({equivalent})" if arm == "sg_off" else equivalent
     return "inconclusive"
 
 

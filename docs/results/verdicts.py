@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import paper_budget as central_study  # beside this file: §3.2's record and its stated test
 import sg_paper_budget  # beside this file: the SG study's record, read as its own analysis reads it
 import tuning_budget  # beside this file: the searches' record, likewise
 from scipy import stats
@@ -90,33 +91,21 @@ def batched() -> pd.DataFrame:
     return frame.pivot_table(index=["subject", "seed"], columns="code", values="subject_accuracy").dropna()
 
 
-def paper_budget(a: str, b: str) -> pd.DataFrame:
-    """§3.2's record (zoodip-study spec=paper_budget): arms `a` and `b` paired by (subject, seed)."""
-    frame = pd.read_csv(HERE / "paper_budget" / "runs.csv")
-    table = frame.pivot_table(index=["subject", "seed"], columns="arm", values="subject_accuracy")
-    return table[[a, b]].dropna()
-
-
 def planned(text: str, pairs: int, design: int = PLANNED) -> str:
     """A verdict or source of a study still short of its planned pairs says so."""
     return text if pairs >= design else f"{text} (interim: {pairs} of {design} pairs)"
 
 
-def non_inferiority(s: dict, margin: float = MARGIN) -> str:
-    """§3.2's stated test: the claim holds when the CI's lower end lies above -margin, does not when its upper end
-    lies below it."""
-    if s["lo"] > -margin:
-        return "holds (non-inferior)"
-    if s["hi"] < -margin:
-        return "does not hold (inferior)"
-    return "inconclusive"
+def study_keys(s: dict) -> dict:
+    """This table's keys back as `paired_summary` names them, for the studies' own rules."""
+    return {"pairs": s["pairs"], "ci_low": s["lo"], "ci_high": s["hi"]}
 
 
-def sg_helps(s: dict) -> str:
-    """§4.10's stated rule for SG off - tau 128: SG helps where the CI lies below 0, hurts where it lies above."""
-    verdicts = {"lower": "holds (SG off lower)", "higher": "does not hold (SG hurts)"}
-    verdicts["equivalent within ±0.05"] = "does not hold (equivalent within ±0.05)"
-    return verdicts.get(rule(s), rule(s))
+def sg_verdict(s: dict | None, arm: str, pairs: int) -> str:
+    """§4.10's stated rule (sg_paper_budget.py's), once the study is past its first look."""
+    if s is None:
+        return f"in progress ({pairs} of {PLANNED} pairs)"
+    return planned(sg_paper_budget.verdict(study_keys(s), arm), pairs)
 
 
 def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
@@ -215,7 +204,9 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
     b, s4 = batched(), table_s4()
     acc70, gap70 = finals70("subject_accuracy"), finals70("gap_closed")
     fast, spsa = main_summary(SG_OFF), main_summary(SPSA)
-    pb, q, cos = paper_budget("zoodip", "ti"), paper_budget("zoodip", "zoodip_fp"), cosine_steps(ZOODIP)
+    record = pd.read_csv(central_study.RECORD / "runs.csv")
+    pb, q = central_study.pairs(record, "zoodip", "ti"), central_study.pairs(record, "zoodip", "zoodip_fp")
+    cos = cosine_steps(ZOODIP)
     central, int8 = recorded(pb["zoodip"], pb["ti"]), recorded(q["zoodip"], q["zoodip_fp"])
     sg = sg_paper_budget.runs()
     off, t43 = sg_paper_budget.pairs(sg, "sg_off"), sg_paper_budget.pairs(sg, "sg_tau43")
@@ -254,7 +245,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "The central claim at the paper's budget",
             "§3.2](#32-the-central-claim-at-the-papers-budget",
-            planned(non_inferiority(central), len(pb)),
+            planned(central_study.verdict(study_keys(central)), len(pb)),
             "ZOODiP - TI, margin 0.05",
             central,
             "R",
@@ -287,7 +278,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "SG helps at the paper's budget",
             "§4.10](#410-subspace-gradient-at-the-papers-budget",
-            planned(sg_helps(sg_off), len(off)) if sg_off else f"in progress ({len(off)} of {PLANNED} pairs)",
+            sg_verdict(sg_off, "sg_off", len(off)),
             "SG off - tau 128",
             sg_off,
             "R" if sg_off else "design stated",
@@ -295,7 +286,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "tau scaled to the token's width",
             "§4.10](#410-subspace-gradient-at-the-papers-budget",
-            planned(rule(sg43), len(t43)) if sg43 else f"in progress ({len(t43)} of {PLANNED} pairs)",
+            sg_verdict(sg43, "sg_tau43", len(t43)),
             "tau 43 - tau 128",
             sg43,
             "R" if sg43 else "design stated",
