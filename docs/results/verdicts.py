@@ -129,8 +129,6 @@ def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
                 "tuning helps": "holds",
                 "tuning hurts": "does not hold (tuned lower)",
                 "equivalent within ±0.05": "does not hold (equivalent within ±0.05)",
-                "non-inferior (the claim holds)": "holds (non-inferior)",
-                "inferior (the claim does not hold)": "does not hold (inferior)",
             }
             head, _, interim = s["verdict"].partition(" (interim")
             verdict = as_claim.get(head, head) + (f" (interim{interim}" if interim else "")
