@@ -129,25 +129,35 @@ def test_a_bad_spec_is_one_sentence(tmp_path, monkeypatch, capfd, spec, message)
 
 def test_the_shipped_studies_load():
     sizes = {"toyworld_methods": 2 * 6 * 3, "tableS4_estimators": 3 * 6 * 3, "paper_budget": 3 * 12 * 3}
-    sizes.update(sg_paper_budget=2 * 12 * 3, tuned_paper_budget=12 * 3)
+    sizes.update(sg_paper_budget=2 * 12 * 3, tuned_paper_budget=12 * 3, puts_paper_budget=12 * 2)
     assert sorted(sizes) == sorted(p.stem for p in (study.ROOT / "studies").glob("*.yaml"))
     for name, size in sizes.items():
         loaded = study.load_study(name)
         assert loaded.name == name and len(loaded.jobs) == size
 
 
+def spec_delta(name: str, arm: str) -> list[str]:
+    """What `arm` of studies/<name>.yaml adds to paper_budget's `zoodip` arm, whose runs it is paired with; the
+    common overrides, the subjects and the seeds must be the same (the seeds may be the first few)."""
+    preset, mine = (yaml.safe_load((study.ROOT / "studies" / f"{n}.yaml").read_text()) for n in ("paper_budget", name))
+    assert mine["subjects"] == preset["subjects"] and mine["seeds"] == preset["seeds"][: len(mine["seeds"])]
+    assert mine["overrides"] == preset["overrides"]
+    extra = [o for o in mine["arms"][arm] if o not in preset["arms"]["zoodip"]]
+    assert len(mine["arms"][arm]) == len(preset["arms"]["zoodip"]) + len(extra)
+    return extra
+
+
+def test_the_sg_and_timestep_arms_pair_with_the_central_claims_zoodip():
+    """SG and PUTS at the paper's budget: each arm differs from the central claim's ZOODiP in its one factor."""
+    assert spec_delta("sg_paper_budget", "sg_off") == ["sg=off"]
+    assert spec_delta("sg_paper_budget", "sg_tau43") == ["sg.tau=43"]
+    assert spec_delta("puts_paper_budget", "puts_uniform") == ["puts=uniform"]
+
+
 def test_the_tuned_arm_pairs_with_the_central_claims_preset():
     """Its runs are compared with paper_budget's `zoodip` runs pair by pair: only lr and mu may differ."""
-    specs = {
-        name: yaml.safe_load((study.ROOT / "studies" / f"{name}.yaml").read_text())
-        for name in ("paper_budget", "tuned_paper_budget")
-    }
-    preset, tuned = specs["paper_budget"], specs["tuned_paper_budget"]
-    assert tuned["subjects"] == preset["subjects"] and tuned["seeds"] == preset["seeds"]
-    assert tuned["overrides"] == preset["overrides"]
-    extra = [o for o in tuned["arms"]["zoodip_tuned"] if o not in preset["arms"]["zoodip"]]
+    extra = spec_delta("tuned_paper_budget", "zoodip_tuned")
     assert sorted(o.split("=")[0] for o in extra) == ["estimator.mu", "optimizer.lr"]
-    assert len(tuned["arms"]["zoodip_tuned"]) == len(preset["arms"]["zoodip"]) + 2
     # the values are the recorded search's best trial (docs/results/tuning_budget/trials.csv)
     with (study.ROOT / "docs" / "results" / "tuning_budget" / "trials.csv").open(newline="") as f:
         trials = [r for r in csv.DictReader(f) if r["search"] == "toyworld_zoodip" and r["trial"] != "preset"]

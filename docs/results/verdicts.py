@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import paper_budget as central_study  # beside this file: §3.2's record and its stated test
-import sg_paper_budget  # beside this file: the SG study's record, read as its own analysis reads it
+import puts_paper_budget  # beside this file: the PUTS study's record, read as its own analysis reads it
+import sg_paper_budget  # likewise, the SG study's
 import tuning_budget  # beside this file: the searches' record, likewise
 from scipy import stats
 
@@ -37,7 +40,8 @@ from zoodip.analysis.report import paired_summary
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
-PLANNED, FIRST_LOOK = sg_paper_budget.PLANNED, sg_paper_budget.FIRST_LOOK
+# no verdict before one seed of every subject: a handful of pairs says little about the spread
+FIRST_LOOK = sg_paper_budget.FIRST_LOOK
 
 
 def quantiles(n: int) -> tuple[float, float]:
@@ -91,8 +95,8 @@ def batched() -> pd.DataFrame:
     return frame.pivot_table(index=["subject", "seed"], columns="code", values="subject_accuracy").dropna()
 
 
-def planned(text: str, pairs: int, design: int = PLANNED) -> str:
-    """A verdict or source of a study still short of its planned pairs says so."""
+def planned(text: str, pairs: int, design: int = 36) -> str:
+    """A verdict or source of a study still short of its planned pairs says so (by default §3.2's 12 x 3)."""
     return text if pairs >= design else f"{text} (interim: {pairs} of {design} pairs)"
 
 
@@ -101,11 +105,11 @@ def study_keys(s: dict) -> dict:
     return {"pairs": s["pairs"], "ci_low": s["lo"], "ci_high": s["hi"]}
 
 
-def sg_verdict(s: dict | None, arm: str, pairs: int) -> str:
-    """§4.10's stated rule (sg_paper_budget.py's), once the study is past its first look."""
+def study_verdict(s: dict | None, rule: Callable[[dict], str], pairs: int, design: int) -> str:
+    """A study's own stated rule (its analysis script's `verdict`), once the study is past its first look."""
     if s is None:
-        return f"in progress ({pairs} of {PLANNED} pairs)"
-    return planned(sg_paper_budget.verdict(study_keys(s), arm), pairs)
+        return f"in progress ({pairs} of {design} pairs)"
+    return planned(rule(study_keys(s)), pairs, design)
 
 
 def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
@@ -122,7 +126,7 @@ def tuning_rows() -> list[tuple[str, str, str, str, dict, str]]:
         s = checks.get(label, {"pairs": 0})
         claim = "Tuned ZOODiP beats its preset (held out)" if "preset" in label else "Tuned ZOODiP reaches TI"
         if s["pairs"] < FIRST_LOOK:
-            verdict = f"in progress ({s['pairs']} of {PLANNED} pairs)"
+            verdict = f"in progress ({s['pairs']} of {tuning_budget.PLANNED} pairs)"
             out.append((claim, "§3.3](#33-equal-tuning-budget", verdict, sign, None, "design stated"))
         else:
             as_claim = {
@@ -208,9 +212,10 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
     central, int8 = recorded(pb["zoodip"], pb["ti"]), recorded(q["zoodip"], q["zoodip_fp"])
     sg = sg_paper_budget.runs()
     off, t43 = sg_paper_budget.pairs(sg, "sg_off"), sg_paper_budget.pairs(sg, "sg_tau43")
-    # no verdict before one seed of every subject: a handful of pairs says little about the spread
     sg_off = recorded(off["sg_off"], off["sg_tau128"]) if len(off) >= FIRST_LOOK else None
     sg43 = recorded(t43["sg_tau43"], t43["sg_tau128"]) if len(t43) >= FIRST_LOOK else None
+    pu = puts_paper_budget.pairs(puts_paper_budget.runs())
+    puts = recorded(pu["puts"], pu["puts_uniform"]) if len(pu) >= FIRST_LOOK else None
     prgf, prgf_gap = prgf_main("subject_accuracy"), prgf_main("gap_closed")
     s3 = "3-presets-zoodip-and-first-order-ti-on-the-six-subjects"
     s41, s42, s45 = (
@@ -276,7 +281,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "SG helps at the paper's budget",
             "§4.10](#410-subspace-gradient-at-the-papers-budget",
-            sg_verdict(sg_off, "sg_off", len(off)),
+            study_verdict(sg_off, partial(sg_paper_budget.verdict, arm="sg_off"), len(off), sg_paper_budget.PLANNED),
             "SG off - tau 128",
             sg_off,
             "R" if sg_off else "design stated",
@@ -284,7 +289,7 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
         (
             "tau scaled to the token's width",
             "§4.10](#410-subspace-gradient-at-the-papers-budget",
-            sg_verdict(sg43, "sg_tau43", len(t43)),
+            study_verdict(sg43, partial(sg_paper_budget.verdict, arm="sg_tau43"), len(t43), sg_paper_budget.PLANNED),
             "tau 43 - tau 128",
             sg43,
             "R" if sg43 else "design stated",
@@ -304,6 +309,14 @@ def rows() -> list[tuple[str, str, str, str, dict | None, str]]:
             "PUTS - uniform",
             from_t(0.143, 0.072, 12),
             "T",
+        ),
+        (
+            "PUTS beats uniform at the paper's budget",
+            "§4.11](#411-puts-at-the-papers-budget",
+            study_verdict(puts, puts_paper_budget.verdict, len(pu), puts_paper_budget.PLANNED),
+            "PUTS - uniform",
+            puts,
+            "R" if puts else "design stated",
         ),
         (
             "One-point performs poorly (Table S4)",
@@ -447,7 +460,7 @@ def main() -> None:
         head = f"| {claim} [{link}) | {verdict} |"
         if s is None:
             effect = "86%" if "%" in sign else "—"
-            pairs = "84 refreshes" if "%" in sign else "36 planned"
+            pairs = "84 refreshes" if "%" in sign else "—"
             sign = sign.replace("86% ", "")
             effect = f"{effect} ({sign})" if effect != "—" else sign
             print(f"{head} {effect} | — | {pairs} | — | — | {source} |")
