@@ -13,7 +13,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from zoodip.analysis.report import build_report, grid_table, load_runs, main, paired_difference, paired_summary
+from zoodip.analysis.report import (
+    build_report,
+    grid_table,
+    load_runs,
+    main,
+    paired_difference,
+    paired_summary,
+    paired_verdict,
+)
 
 
 def make_job(root: Path, name: str, overrides: dict, train: dict | None = None, evals: dict | None = None) -> Path:
@@ -348,6 +356,22 @@ def test_paired_summary_by_hand():
     assert out["ci_low"] == pytest.approx(2.5 - 2.054, abs=1e-3) and out["ci_high"] == pytest.approx(4.554, abs=1e-3)
     assert out["detectable_effect"] == pytest.approx(2.686, abs=1e-3)
     assert math.isnan(paired_summary([0.9], [0.4])["ci_low"])
+
+
+def test_paired_verdict_reads_the_interval_not_the_mean():
+    """A direction only where the 95% CI excludes 0 (even inside the margin), "equivalent" only where the whole CI
+    lies inside +-0.05, otherwise inconclusive whatever the mean's sign."""
+    up = paired_summary([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])  # [0.446, 4.554]
+    assert paired_verdict(up) == "higher" and paired_verdict(up, higher="holds") == "holds"
+    down = paired_summary([0.0] * 4, [0.01, 0.02, 0.03, 0.04])  # [-0.0455, -0.0045]: below 0, inside the margin
+    assert paired_verdict(down) == "lower" and paired_verdict(down, lower="hurts") == "hurts"
+    inside = {"pairs": 36, "ci_low": -0.027, "ci_high": 0.019}
+    assert paired_verdict(inside) == "equivalent within ±0.05"
+    assert paired_verdict(inside, equivalent="the same") == "the same" and paired_verdict(inside, margin=0.02) == (
+        "inconclusive"
+    )
+    assert paired_verdict({"pairs": 12, "ci_low": -0.063, "ci_high": 0.001}) == "inconclusive"
+    assert paired_verdict(paired_summary([0.9], [0.4])) == "too few pairs"
 
 
 def test_paired_difference_by_hand():

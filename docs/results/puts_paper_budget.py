@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from zoodip.analysis.report import paired_summary
+from zoodip.analysis.report import paired_summary, paired_verdict
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "puts_paper_budget" / "runs.csv"
@@ -45,15 +45,8 @@ def pairs(frame: pd.DataFrame, metric: str = "subject_accuracy") -> pd.DataFrame
 
 def verdict(s: dict) -> str:
     """The stated rule for PUTS - uniform."""
-    if s["pairs"] < 2:
-        return "too few pairs"
-    if s["ci_low"] > 0:
-        return "holds"
-    if s["ci_high"] < 0:
-        return "does not hold (uniform higher)"
-    if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
-        return f"does not hold (equivalent within ±{MARGIN})"
-    return "inconclusive"
+    equivalent = f"does not hold (equivalent within ±{MARGIN})"
+    return paired_verdict(s, MARGIN, "holds", "does not hold (uniform higher)", equivalent)
 
 
 def plot(p: pd.DataFrame, s: dict, out: Path) -> None:

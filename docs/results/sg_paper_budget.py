@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from zoodip.analysis.report import paired_summary
+from zoodip.analysis.report import paired_summary, paired_verdict
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
@@ -45,16 +45,10 @@ def pairs(frame: pd.DataFrame, arm: str, metric: str = "subject_accuracy") -> pd
 
 def verdict(s: dict, arm: str) -> str:
     """The stated rule. For SG off, higher accuracy means SG hurts; for tau 43, that the smaller tau helps."""
-    if s["pairs"] < 2:
-        return "too few pairs"
-    if s["ci_low"] > 0:
-        return "does not hold (SG hurts)" if arm == "sg_off" else "higher"
-    if s["ci_high"] < 0:
-        return "holds (SG off lower)" if arm == "sg_off" else "lower"
-    if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
-        equivalent = f"equivalent within ±{MARGIN}"
-        return f"does not hold ({equivalent})" if arm == "sg_off" else equivalent
-    return "inconclusive"
+    if arm == "sg_off":
+        equivalent = f"does not hold (equivalent within ±{MARGIN})"
+        return paired_verdict(s, MARGIN, "does not hold (SG hurts)", "holds (SG off lower)", equivalent)
+    return paired_verdict(s, MARGIN)
 
 
 def summaries(frame: pd.DataFrame) -> dict[str, dict]:

@@ -144,13 +144,9 @@ def verdict(s: dict, ref: str) -> str:
         import paper_budget
 
         return paper_budget.verdict(s)
-    if s["ci_low"] > 0:
-        return "tuning helps"
-    if s["ci_high"] < 0:
-        return "tuning hurts"
-    if s["ci_low"] > -MARGIN and s["ci_high"] < MARGIN:
-        return f"equivalent within ±{MARGIN}"
-    return "inconclusive"
+    from zoodip.analysis.report import paired_verdict
+
+    return paired_verdict(s, MARGIN, "tuning helps", "tuning hurts")
 
 
 def held_out() -> dict[str, dict]:

@@ -36,7 +36,7 @@ import sg_paper_budget  # likewise, the SG study's
 import tuning_budget  # beside this file: the searches' record, likewise
 from scipy import stats
 
-from zoodip.analysis.report import paired_summary
+from zoodip.analysis.report import paired_summary, paired_verdict
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 0.05
@@ -70,14 +70,9 @@ def recorded(mine, ref) -> dict:
     return recorded_summary(paired_summary(mine, ref))
 
 
-def rule(s: dict, margin: float = MARGIN) -> str:
-    if s["lo"] > 0:
-        return "higher"
-    if s["hi"] < 0:
-        return "lower"
-    if -margin < s["lo"] and s["hi"] < margin:
-        return f"equivalent within ±{margin}"
-    return "inconclusive"
+def rule(s: dict) -> str:
+    """What the interval alone says, by the two-sided rule."""
+    return paired_verdict(study_keys(s), MARGIN)
 
 
 def wilson(p: float, n: int) -> tuple[float, float]:

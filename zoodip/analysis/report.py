@@ -638,6 +638,26 @@ def paired_summary(mine: Any, ref: Any, power: float = 0.8, alpha: float = 0.05)
     }
 
 
+def paired_verdict(
+    s: dict[str, float],
+    margin: float = 0.05,
+    higher: str = "higher",
+    lower: str = "lower",
+    equivalent: str | None = None,
+) -> str:
+    """The two-sided rule of RESULTS.md on a `paired_summary`: a direction (`higher` / `lower`) where the 95% CI
+    excludes 0, `equivalent` where it lies inside +-margin, otherwise "inconclusive", whatever the mean's sign."""
+    if s["pairs"] < 2:
+        return "too few pairs"
+    if s["ci_low"] > 0:
+        return higher
+    if s["ci_high"] < 0:
+        return lower
+    if -margin < s["ci_low"] and s["ci_high"] < margin:
+        return equivalent or f"equivalent within ±{margin}"
+    return "inconclusive"
+
+
 def paired_tests(
     df: pd.DataFrame, param: str, metrics: list[str], within: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
