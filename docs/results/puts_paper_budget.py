@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import paper_budget as central_study  # beside this file: its record holds the PUTS arm
 from matplotlib.figure import Figure
 
 from zoodip.analysis.report import paired_summary, paired_verdict
@@ -38,9 +39,7 @@ def runs() -> pd.DataFrame:
 
 def pairs(frame: pd.DataFrame, metric: str = "subject_accuracy") -> pd.DataFrame:
     """PUTS and uniform side by side, one row per (subject, seed) that both arms have."""
-    wide = frame.pivot_table(index=["subject", "seed"], columns="arm", values=metric)
-    cols = ["puts", "puts_uniform"]
-    return wide[cols].dropna() if set(cols) <= set(wide.columns) else pd.DataFrame(columns=cols)
+    return central_study.pairs(frame, "puts", "puts_uniform", metric)
 
 
 def verdict(s: dict) -> str:
@@ -82,10 +81,11 @@ def plot(p: pd.DataFrame, s: dict, out: Path) -> None:
 
 def main() -> None:
     frame = runs()
-    stats = {}
-    for metric in METRICS:
-        p = pairs(frame, metric)
-        stats[metric] = paired_summary(p["puts"], p["puts_uniform"]) if len(p) >= 2 else {"pairs": len(p)}
+    by_metric = {metric: pairs(frame, metric) for metric in METRICS}
+    stats = {
+        metric: paired_summary(p["puts"], p["puts_uniform"]) if len(p) >= 2 else {"pairs": len(p)}
+        for metric, p in by_metric.items()
+    }
     for metric, s in stats.items():
         if s["pairs"] < 2:
             print(f"PUTS - uniform, {metric}: {s['pairs']} pairs of {PLANNED} recorded")
@@ -97,7 +97,7 @@ def main() -> None:
             f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}], p {s['t_test_p']:.3g}, detectable "
             f"{s['detectable_effect']:.3f}: {ruled if metric == METRICS[0] else 'secondary, no verdict'}{status}"
         )
-    p = pairs(frame)
+    p = by_metric[METRICS[0]]
     if len(p):
         wins = int((p["puts"] > p["puts_uniform"]).sum()), int((p["puts"] < p["puts_uniform"]).sum())
         print(

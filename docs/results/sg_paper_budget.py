@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import paper_budget as central_study  # beside this file: its record holds the tau = 128 arm
 from matplotlib.figure import Figure
 
 from zoodip.analysis.report import paired_summary, paired_verdict
@@ -38,9 +39,7 @@ def runs() -> pd.DataFrame:
 
 
 def pairs(frame: pd.DataFrame, arm: str, metric: str = "subject_accuracy") -> pd.DataFrame:
-    wide = frame.pivot_table(index=["subject", "seed"], columns="arm", values=metric)
-    cols = [arm, "sg_tau128"]
-    return wide[cols].dropna() if set(cols) <= set(wide.columns) else pd.DataFrame(columns=cols)
+    return central_study.pairs(frame, arm, "sg_tau128", metric)
 
 
 def verdict(s: dict, arm: str) -> str:
